@@ -1,0 +1,98 @@
+"""The `clip-atlas` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import AtlasError
+
+DEFAULT_STORE = "artifacts"
+
+
+def _compute(a: argparse.Namespace) -> None:
+    from .job import ComputeConfig, run_compute
+    m = run_compute(ComputeConfig(model=a.model, images=a.images, out=a.out, layers=a.layers,
+                                  batch_size=a.batch_size, device=a.device, limit=a.limit, labels=a.labels,
+                                  chunk_size=a.chunk_size, precision=a.precision, workers=a.workers))
+    if m["rank"] == 0:
+        print(f"{m['status']}: {m['image_count']} images, {len(m['skipped'])} skipped -> {a.out}")
+
+
+def _models(a: argparse.Namespace) -> None:
+    from .models import REGISTRY
+    for name, (arch, tag) in REGISTRY.items():
+        print(f"{name:34s} {arch} {Path(tag).name if '/' in tag else tag}")
+    print("also: any open_clip ViT as NAME:TAG, NAME:/path/to/weights, NAME:random, local-dir:/path")
+
+
+def _shapes_generate(a: argparse.Namespace) -> None:
+    from .shapes.dataset import generate
+    out = generate(a.n, a.seed, a.out)
+    print(f"wrote {a.n} scenes to {out}")
+
+
+def _shapes_train(a: argparse.Namespace) -> None:
+    from .models import SHAPES_WEIGHTS
+    from .shapes.train import TrainConfig, train
+    cfg = TrainConfig(steps=a.steps, seed=a.seed)
+    train(cfg, Path(a.out) if a.out else SHAPES_WEIGHTS)
+
+
+def _shapes_eval(a: argparse.Namespace) -> None:
+    from .shapes.groundtruth import evaluate_run
+    summary = evaluate_run(a.run, progress=True)
+    print(json.dumps(summary, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clip-atlas", description="Decompose and interpret CLIP image embeddings.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compute", help="decompose a folder of images into a Parquet run")
+    c.add_argument("--model", required=True, help="NAME[:TAG], e.g. shapes, ViT-B-32:openai, ViT-B-16:random")
+    c.add_argument("--images", required=True, help="folder of images (subfolder or labels.csv gives the label)")
+    c.add_argument("--out", required=True, help="run folder, e.g. artifacts/my-run")
+    c.add_argument("--layers", default="last4", help="head layers to store: lastK | all | L1,L2 (default last4)")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by path)")
+    c.add_argument("--labels", default=None, help="CSV with path,label (default: IMAGES/labels.csv if present)")
+    c.add_argument("--chunk-size", type=int, default=None, help="images per committed chunk (default: by memory)")
+    c.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPU")
+    c.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    c.set_defaults(func=_compute)
+
+    m = sub.add_parser("models", help="list the named models")
+    m.set_defaults(func=_models)
+
+    s = sub.add_parser("shapes", help="the Shapes world: generate, train, eval").add_subparsers(dest="shapes_cmd", required=True)
+    g = s.add_parser("generate", help="write a folder of scenes")
+    g.add_argument("--n", type=int, default=2000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=_shapes_generate)
+    t = s.add_parser("train", help="train the Shapes CLIP (CPU, about an hour)")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="weights file (default: the bundled one)")
+    t.set_defaults(func=_shapes_train)
+    e = s.add_parser("eval", help="ground-truth evaluation of a run computed on a Shapes dataset")
+    e.add_argument("run")
+    e.set_defaults(func=_shapes_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except AtlasError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

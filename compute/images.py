@@ -1,0 +1,91 @@
+"""Finding images in a folder tree and decoding them safely."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import AtlasError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+#: Images with more pixels than this are refused before decoding (a 100 MP photo is fine).
+MAX_PIXELS = 120_000_000
+LABELS_FILE = "labels.csv"
+
+
+class BadImage(Exception):
+    """An image that cannot be used; the message is the reason, kept in the manifest."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    image_id: int
+    path: str          # relative to the images root, POSIX separators
+    label: str | None
+
+
+def image_id(rel_path: str) -> int:
+    """A stable 63-bit id from the relative path, so reruns and ranks agree without coordination."""
+    return int.from_bytes(hashlib.blake2b(rel_path.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def read_labels(path: Path) -> dict[str, str]:
+    """A CSV with columns path,label (path relative to the images root)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise AtlasError(f"cannot read labels file {path}: {e}") from None
+    if rows and not {"path", "label"} <= set(rows[0]):
+        raise AtlasError(f"labels file {path} needs the columns path,label")
+    return {r["path"]: r["label"] for r in rows}
+
+
+def find_images(root: str | Path, labels_csv: str | Path | None = None, limit: int | None = None) -> list[ImageRef]:
+    """Every image file under root in a stable order, labelled from a CSV or from its subfolder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AtlasError(f"image folder not found: {root}")
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise AtlasError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {root}")
+    csv_path = Path(labels_csv) if labels_csv else root / LABELS_FILE
+    labels = read_labels(csv_path) if (labels_csv or csv_path.is_file()) else None
+    if limit is not None:
+        files = files[:limit]
+    refs = []
+    for rel in files:
+        if labels is not None:
+            label = labels.get(rel)
+        else:
+            parts = rel.split("/")
+            label = parts[-2] if len(parts) > 1 else None
+        refs.append(ImageRef(image_id(rel), rel, label))
+    return refs
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """Decode to RGB or raise BadImage with a short reason; never decodes an oversized image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImage(f"too large ({w}x{h} pixels, limit {max_pixels})")
+            if draft_size and img.format == "JPEG":
+                # decode JPEGs at reduced scale when they are far larger than the model needs
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            return img.convert("RGB")
+    except BadImage:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(type(e).__name__ if not str(e) else str(e).splitlines()[0][:200]) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"unreadable: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None

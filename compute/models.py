@@ -1,0 +1,196 @@
+"""Model registry and loading: `NAME`, `NAME:TAG`, `NAME:/path/weights.pt`, `NAME:random`, `local-dir:/path`.
+
+One entry point, `load_model(spec)`, returns the model, its preprocessing, its
+tokenizer and a `ModelInfo` describing the vision tower the decomposition needs.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import AtlasError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights" / "clip-atlas-shapes.safetensors"
+
+#: Named models: short name -> (open_clip architecture, pretrained tag or weights path).
+REGISTRY: dict[str, tuple[str, str]] = {
+    "shapes": ("clip-atlas-shapes", str(SHAPES_WEIGHTS)),
+    "ViT-B-16:openai": ("ViT-B-16-quickgelu", "openai"),
+    "ViT-B-32:openai": ("ViT-B-32-quickgelu", "openai"),
+    "ViT-L-14:openai": ("ViT-L-14-quickgelu", "openai"),
+    "ViT-B-16:laion2b_s34b_b88k": ("ViT-B-16", "laion2b_s34b_b88k"),
+    "ViT-B-32:datacomp_m_s128m_b4k": ("ViT-B-32", "datacomp_m_s128m_b4k"),
+    "ViT-L-14:laion2b_s32b_b82k": ("ViT-L-14", "laion2b_s32b_b82k"),
+    "ViT-H-14:laion2b_s32b_b79k": ("ViT-H-14", "laion2b_s32b_b79k"),
+}
+_QUICKGELU_TAGS = ("openai", "metaclip", "dfn")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the store records about a model."""
+    spec: str
+    architecture: str
+    tag: str
+    random_weights: bool
+    layers: int
+    heads: int
+    width: int
+    embed_dim: int
+    grid: tuple[int, int]
+    image_size: tuple[int, int]
+    pool_type: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    info: ModelInfo
+
+
+def register_configs() -> None:
+    """Make the project's own open_clip configs (the Shapes CLIP) known to open_clip."""
+    import open_clip
+    if "clip-atlas-shapes" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """'NAME[:TAG]' -> (open_clip architecture, tag or path or None), applying the registry."""
+    spec = spec.strip()
+    if not spec:
+        raise AtlasError("empty model name; try e.g. 'shapes' or 'ViT-B-32:openai'")
+    if spec.startswith("local-dir:"):
+        return spec, None
+    if spec in REGISTRY:
+        return REGISTRY[spec]
+    name, _, tag = spec.partition(":")
+    return name, (tag or None)
+
+
+def _quickgelu_arch(arch: str, tag: str | None, available: list[str]) -> tuple[str, bool]:
+    """Tags trained with QuickGELU need the -quickgelu config; open_clip only warns otherwise."""
+    if not tag or not tag.lower().startswith(_QUICKGELU_TAGS) or arch.endswith("-quickgelu"):
+        return arch, False
+    if f"{arch}-quickgelu" in available:
+        return f"{arch}-quickgelu", False
+    return arch, True
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the direct-effect decomposition does not fit this model's vision tower, or None."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        return "the model has no vision tower"
+    kind = type(visual).__name__
+    if not isinstance(visual, VisionTransformer):
+        why = {"ModifiedResNet": "a ResNet tower (attention pooling over conv features)",
+               "TimmModel": "a timm tower (EVA, SigLIP, ConvNeXt, PE-Core: different blocks and pooling heads)"}
+        return f"its vision tower is {why.get(kind, kind)}; only open_clip VisionTransformer towers decompose"
+    if visual.attn_pool is not None:
+        return "its vision tower ends in an attentional pooler (CoCa-style), which is not a sum of token terms"
+    if visual.pool_type not in ("tok", "avg"):
+        return f"pool_type {visual.pool_type!r} has no single embedding to decompose"
+    blocks = visual.transformer.resblocks
+    if not all(isinstance(b, ResidualAttentionBlock) for b in blocks):
+        return "its blocks use custom attention (qk-norm, scaled cosine, head scales or inner norms)"
+    if any(hasattr(b, "ln_1_kv") for b in blocks):
+        return "its blocks use cross-attention"
+    if not visual.transformer.batch_first:
+        return "its transformer is not batch-first"
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+    try:
+        from huggingface_hub import constants
+        host = urlparse(constants.ENDPOINT).hostname or ""
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except (OSError, ImportError, ValueError):
+        return False
+
+
+def _info(spec: str, arch: str, tag: str, random_weights: bool, model) -> ModelInfo:
+    v = model.visual
+    blk = v.transformer.resblocks[0]
+    return ModelInfo(
+        spec=spec, architecture=arch, tag=tag, random_weights=random_weights,
+        layers=len(v.transformer.resblocks), heads=blk.attn.num_heads, width=v.transformer.width,
+        embed_dim=v.output_dim if v.proj is None else v.proj.shape[1], grid=tuple(v.grid_size),
+        image_size=tuple(v.image_size), pool_type=v.pool_type,
+    )
+
+
+def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
+    """Load an open_clip model by spec; refuse what cannot be decomposed with a one-line reason."""
+    import open_clip
+    register_configs()
+    arch, tag = parse_spec(spec)
+    available = open_clip.list_models()
+    random_weights = tag == "random"
+    if not arch.startswith("local-dir:"):
+        if arch not in available:
+            raise AtlasError(f"unknown model {arch!r}; `clip-atlas models` lists the known names")
+        arch, force_quick = _quickgelu_arch(arch, tag, available)
+    else:
+        force_quick = False
+        if not Path(arch[len("local-dir:"):]).is_dir():
+            raise AtlasError(f"no such directory for {arch!r}")
+    if arch == "clip-atlas-shapes" and tag == str(SHAPES_WEIGHTS) and not SHAPES_WEIGHTS.exists():
+        raise AtlasError(f"the Shapes weights are missing at {SHAPES_WEIGHTS}; run `clip-atlas shapes train`")
+    pretrained = None if random_weights else tag
+    looks_like_path = pretrained is not None and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")))
+    if looks_like_path and not Path(pretrained).is_file():
+        raise AtlasError(f"checkpoint file not found: {pretrained}")
+    if pretrained is not None and not looks_like_path and not arch.startswith("local-dir:"):
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if pretrained not in tags:
+            known = ", ".join(tags) or "none"
+            raise AtlasError(f"unknown pretrained tag {pretrained!r} for {arch} (known: {known}; or pass a checkpoint path, or 'random')")
+    if pretrained is not None and not looks_like_path and not _hub_reachable():
+        # no network: let the hub client look in its local cache only, instead of retrying for a minute
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        with contextlib.suppress(ImportError):
+            from huggingface_hub import constants
+            constants.HF_HUB_OFFLINE = True
+    try:
+        # open_clip logs (not raises) several problems; keep its chatter out of the user's terminal
+        with contextlib.redirect_stderr(io.StringIO()):
+            logging.getLogger().setLevel(logging.ERROR)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained, device=device, precision=precision,
+                force_quick_gelu=force_quick, pretrained_text=False, pretrained_image=False)
+    except (RuntimeError, OSError, ValueError) as e:
+        if pretrained and not looks_like_path:
+            raise AtlasError(
+                f"cannot fetch weights {arch}:{pretrained} (no network?): download them elsewhere "
+                f"and pass the file as {spec.split(':')[0]}:/path/to/weights, or use {spec.split(':')[0]}:random"
+            ) from None
+        raise AtlasError(f"cannot load {spec}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    reason = unsupported_reason(model)
+    if reason:
+        raise AtlasError(f"{spec} is not supported: {reason}")
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(arch)
+    return LoadedModel(model, preprocess, tokenizer, _info(spec, arch, tag or "", random_weights, model))
+
+
+def known_models() -> list[str]:
+    return list(REGISTRY)

@@ -1,0 +1,209 @@
+"""The Parquet store: layout, manifest, atomic chunks and resume. The one place that knows file names.
+
+    RUN/manifest.json
+    RUN/images/part-KEY.parquet                        image_id, path, label, embedding
+    RUN/components/part-KEY.parquet                    image_id, kind, layer, contribution
+    RUN/heads/layer=L/head=H/part-KEY.parquet          image_id, contribution  (layer, head from the path)
+    RUN/_chunks/KEY.json                               commit marker of one chunk
+
+A chunk's part files are written first and its marker last (atomic rename), so
+a chunk without a marker is an interrupted one: resume deletes its parts and
+does those images again. See docs/store.md for the public schema.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import AtlasError
+from .images import image_id
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+CHUNKS = "_chunks"
+# tables written by later steps (TextSpan, labels, metrics, ground truth): RUN/<name>.parquet
+DERIVED = ("texts", "textspan", "properties", "metrics", "shapes_heads", "shapes_models", "shapes_segmentation")
+
+
+def vectors(arr: np.ndarray) -> pa.FixedSizeListArray:
+    """[n, D] float32 -> a Parquet fixed-size list column."""
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+@dataclass
+class Chunk:
+    """One atomic unit of work: the rows of a group of images, and the files that could not be read."""
+    image_ids: list[int] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)     # [b, D] each
+    components: list[tuple[np.ndarray, list[str], list[int | None]]] = field(default_factory=list)
+    heads: list[np.ndarray] = field(default_factory=list)          # [b, Ls, H, D] each
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def key(self) -> str:
+        first = self.image_ids[0] if self.image_ids else image_id(self.skipped[0]["path"])
+        return f"{first:016x}"
+
+
+class RunStore:
+    """A run folder. Writers use `write_chunk` and `finish`; readers use `manifest` and the paths."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- paths
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def table_path(self, name: str) -> Path:
+        return self.root / f"{name}.parquet"
+
+    def head_dir(self, layer: int, head: int) -> Path:
+        return self.root / "heads" / f"layer={layer}" / f"head={head}"
+
+    def property_dir(self, prop: str) -> Path:
+        return self.root / "property_vectors" / f"property={prop}"
+
+    # ---- manifest
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict[str, Any]:
+        try:
+            m = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise AtlasError(f"{self.root} is not a clip-atlas run (no {MANIFEST})") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise AtlasError(f"{self.manifest_path} is unreadable: {e}") from None
+        if not isinstance(m, dict) or m.get("schema_version") != SCHEMA_VERSION:
+            raise AtlasError(f"{self.manifest_path}: unsupported schema version {m.get('schema_version') if isinstance(m, dict) else '?'}")
+        return m
+
+    def write_manifest(self, m: dict[str, Any]) -> None:
+        write_json_atomic(m, self.manifest_path)
+
+    def update_manifest(self, **changes: Any) -> dict[str, Any]:
+        m = self.manifest()
+        m.update(changes)
+        self.write_manifest(m)
+        return m
+
+    def start(self, fields: dict[str, Any], identity: Iterable[str]) -> dict[str, Any]:
+        """Create the manifest, or check that an existing run was made with the same settings (resume)."""
+        if self.exists():
+            m = self.manifest()
+            for k in identity:
+                if m.get(k) != fields.get(k):
+                    raise AtlasError(f"{self.root} holds a run with {k}={m.get(k)!r}, not {fields.get(k)!r}; use another --out")
+            m.update(status="partial", resumed_at=time.time())
+            self.write_manifest(m)
+            return m
+        m = {"schema_version": SCHEMA_VERSION, **fields, "status": "partial", "created_at": time.time()}
+        self.write_manifest(m)
+        return m
+
+    # ---- chunks
+    def markers(self) -> list[dict[str, Any]]:
+        out = []
+        for p in sorted((self.root / CHUNKS).glob("*.json")):
+            try:
+                out.append(json.loads(p.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue  # a marker is renamed into place whole; an unreadable one is treated as absent
+        return out
+
+    def done_paths(self) -> set[str]:
+        done: set[str] = set()
+        for m in self.markers():
+            done.update(m["paths"])
+            done.update(s["path"] for s in m["skipped"])
+        return done
+
+    def remove_orphans(self) -> int:
+        """Delete part files of chunks that never got their marker (an interrupted run)."""
+        keys = {p.stem for p in (self.root / CHUNKS).glob("*.json")}
+        removed = 0
+        for p in list(self.root.glob("images/*.parquet")) + list(self.root.glob("components/*.parquet")) \
+                + list(self.root.glob("heads/*/*/*.parquet")):
+            if p.stem.removeprefix("part-") not in keys:
+                p.unlink()
+                removed += 1
+        for p in self.root.rglob(".*.tmp*"):
+            p.unlink()
+        return removed
+
+    def write_chunk(self, chunk: Chunk, head_layers: list[int], rank: int) -> None:
+        key = chunk.key()
+        if len(chunk):
+            ids = pa.array(chunk.image_ids, pa.int64())
+            emb = np.concatenate(chunk.embeddings)
+            write_table_atomic(pa.table({
+                "image_id": ids, "path": pa.array(chunk.paths, pa.string()),
+                "label": pa.array(chunk.labels, pa.string()), "embedding": vectors(emb)}),
+                self.root / "images" / f"part-{key}.parquet")
+            comp = np.concatenate([c[0] for c in chunk.components])           # [b, K, D]
+            kinds, layers = chunk.components[0][1], chunk.components[0][2]
+            b, K, _ = comp.shape
+            write_table_atomic(pa.table({
+                "image_id": pa.array(np.repeat(chunk.image_ids, K), pa.int64()),
+                "kind": pa.array(kinds * b, pa.string()).dictionary_encode(),
+                "layer": pa.array(layers * b, pa.int16()),
+                "contribution": vectors(comp.reshape(b * K, -1))}),
+                self.root / "components" / f"part-{key}.parquet")
+            heads = np.concatenate(chunk.heads)                               # [b, Ls, H, D]
+            for li, layer in enumerate(head_layers):
+                for h in range(heads.shape[2]):
+                    write_table_atomic(pa.table({"image_id": ids, "contribution": vectors(heads[:, li, h])}),
+                                       self.head_dir(layer, h) / f"part-{key}.parquet")
+        write_json_atomic({"key": key, "rank": rank, "paths": chunk.paths, "skipped": chunk.skipped},
+                          self.root / CHUNKS / f"{key}.json")
+
+    def finish(self) -> dict[str, Any]:
+        markers = self.markers()
+        skipped = [s for m in markers for s in m["skipped"]]
+        return self.update_manifest(status="complete", image_count=sum(len(m["paths"]) for m in markers),
+                                    skipped=skipped, finished_at=time.time())
+
+    # ---- derived tables
+    def write_derived(self, name: str, table: pa.Table) -> Path:
+        if name not in DERIVED:
+            raise ValueError(f"unknown derived table {name}")
+        path = self.table_path(name)
+        write_table_atomic(table, path)
+        return path
+
+
+def list_runs(store: str | Path) -> list[Path]:
+    """Run folders directly under a store folder (those with a manifest)."""
+    store = Path(store)
+    if (store / MANIFEST).is_file():
+        return [store]
+    return sorted(p.parent for p in store.glob(f"*/{MANIFEST}"))

@@ -1,0 +1,49 @@
+"""Shared fixtures: small random models (with perturbed 1-d parameters) and small Shapes datasets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# tests run on 2 cores beside other work; one intra-op thread each keeps them predictable
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONFIGS = Path(__file__).parent / "model_configs"
+
+
+def _register() -> None:
+    import open_clip
+
+    from compute.models import register_configs
+    register_configs()
+    if "tiny-avg-ls" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIGS)
+
+
+_register()
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Move biases, LayerNorm gains, LayerScale and embeddings off their init values (zero biases hide bias bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return model
+
+
+def random_model(name: str, dtype=torch.float32, seed: int = 0):
+    import open_clip
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None).eval()
+    return perturb(model, seed).to(dtype)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    from compute.shapes.dataset import generate
+    return generate(48, seed=3, out=tmp_path_factory.mktemp("shapes"), progress=False)

@@ -1,0 +1,151 @@
+"""`clip-atlas compute`: the store's invariants, bad input, resume after kill -9, and two ranks."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from compute.cli import main
+from compute.job import ComputeConfig, run_compute
+from compute.store import RunStore
+
+MODEL = "clip-atlas-shapes:random"
+
+
+def fetch(sql: str, params=()):
+    return duckdb.connect().execute(sql, params).fetchall()
+
+
+def image_rows(run: Path) -> dict[int, np.ndarray]:
+    rows = fetch("SELECT image_id, embedding FROM read_parquet(?)", [str(run / "images" / "*.parquet")])
+    return {i: np.asarray(e, np.float32) for i, e in rows}
+
+
+def test_store_invariants_through_duckdb(shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    m = run_compute(ComputeConfig(MODEL, str(shapes_dir), str(run), layers="last2", batch_size=16), progress=False)
+    assert m["status"] == "complete" and m["image_count"] == 48 and m["head_layers"] == [4, 5]
+    assert m["random_weights"] is True and m["patch_grid"] == [8, 8]
+    emb = image_rows(run)
+    assert len(emb) == 48
+    # per image, the components sum to the embedding
+    sums: dict[int, np.ndarray] = {}
+    for image_id, c in fetch("SELECT image_id, contribution FROM read_parquet(?)", [str(run / "components" / "*.parquet")]):
+        sums[image_id] = sums.get(image_id, 0) + np.asarray(c, np.float64)
+    assert sums.keys() == emb.keys()
+    for image_id, total in sums.items():
+        assert np.abs(total - emb[image_id]).max() < 1e-4
+    # per stored layer, the heads sum to the attn component
+    heads = fetch("""
+        SELECT image_id, layer, list(contribution ORDER BY head) FROM read_parquet(?, hive_partitioning = true)
+        GROUP BY image_id, layer""", [str(run / "heads" / "*" / "*" / "*.parquet")])
+    attn = {(i, l): np.asarray(c) for i, l, c in fetch(
+        "SELECT image_id, layer, contribution FROM read_parquet(?) WHERE kind = 'attn'", [str(run / "components" / "*.parquet")])}
+    assert len(heads) == 48 * 2
+    for image_id, layer, per_head in heads:
+        assert len(per_head) == 8
+        assert np.abs(np.sum(np.asarray(per_head), 0) - attn[(image_id, layer)]).max() < 1e-4
+    # labels come from labels.csv
+    labels = fetch("SELECT DISTINCT label FROM read_parquet(?)", [str(run / "images" / "*.parquet")])
+    assert all(len(l[0].split()) == 2 for l in labels)
+
+
+def test_one_head_is_read_alone(shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    run_compute(ComputeConfig(MODEL, str(shapes_dir), str(run), layers="last1", batch_size=48), progress=False)
+    files = list(RunStore(run).head_dir(5, 3).glob("*.parquet"))
+    assert files and all("layer=5/head=3" in str(f) for f in files)
+
+
+def test_corrupt_files_are_skipped_and_listed(shapes_dir, tmp_path):
+    images = tmp_path / "imgs"
+    shutil.copytree(shapes_dir / "images", images / "cats")
+    good = sorted((images / "cats").iterdir())[:5]
+    for p in sorted((images / "cats").iterdir())[5:]:
+        p.unlink()
+    (images / "cats" / "text.jpg").write_text("not an image")
+    (images / "cats" / "half.png").write_bytes(good[0].read_bytes()[:200])
+    (images / "cats" / "empty.webp").write_bytes(b"")
+    m = run_compute(ComputeConfig(MODEL, str(images), str(tmp_path / "run"), batch_size=4), progress=False)
+    assert m["image_count"] == 5
+    assert sorted(s["path"] for s in m["skipped"]) == ["cats/empty.webp", "cats/half.png", "cats/text.jpg"]
+    assert fetch("SELECT DISTINCT label FROM read_parquet(?)", [str(tmp_path / "run" / "images" / "*.parquet")]) == [("cats",)]
+
+
+def test_huge_image_is_refused_before_decoding(tmp_path):
+    from compute.images import BadImage, load_image
+    from PIL import Image
+    Image.new("RGB", (400, 300)).save(tmp_path / "big.png")
+    with pytest.raises(BadImage, match="too large"):
+        load_image(tmp_path / "big.png", max_pixels=100_000)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", MODEL, "--images", "{empty}"], "no images"),
+    (["--model", "ViT-Nope-99", "--images", "{data}"], "unknown model"),
+    (["--model", "RN50:random", "--images", "{data}"], "not supported"),
+    (["--model", "ViT-B-32:not-a-tag", "--images", "{data}"], "unknown pretrained tag"),
+    (["--model", "ViT-B-32:/no/such/file.pt", "--images", "{data}"], "checkpoint file not found"),
+    (["--model", MODEL, "--images", "{data}", "--layers", "99"], "out of range"),
+])
+def test_bad_input_is_one_line(shapes_dir, tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty", data=shapes_dir) for a in args]
+    assert main(["compute", *args, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_rerun_resumes_after_kill_9(shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "compute.cli", "compute", "--model", MODEL, "--images", str(shapes_dir),
+           "--out", str(run), "--batch-size", "4", "--chunk-size", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((run / "_chunks").glob("*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((run / "_chunks").glob("*.json")))
+    assert 2 <= done_before < 6, "the run should have been killed part-way"
+    assert json.loads((run / "manifest.json").read_text())["status"] == "partial"
+    # an orphan part from an unfinished chunk must not survive the resume
+    (run / "images" / "part-00000000deadbeef.parquet").write_bytes(b"junk")
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    ids = fetch("SELECT image_id FROM read_parquet(?)", [str(run / "images" / "*.parquet")])
+    assert len(ids) == 48 and len(set(ids)) == 48
+    assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_other_settings_on_same_run_are_refused(shapes_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    run_compute(ComputeConfig(MODEL, str(shapes_dir), str(run), limit=4), progress=False)
+    assert main(["compute", "--model", MODEL, "--images", str(shapes_dir), "--out", str(run), "--limit", "4", "--layers", "all"]) == 2
+    assert "use another --out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_images(shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", "29533", "-m", "compute.cli", "compute",
+           "--model", MODEL, "--images", str(shapes_dir), "--out", str(run), "--batch-size", "8", "--chunk-size", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ranks = {json.loads(p.read_text())["rank"] for p in (run / "_chunks").glob("*.json")}
+    assert ranks == {0, 1}
+    ids = fetch("SELECT image_id FROM read_parquet(?)", [str(run / "images" / "*.parquet")])
+    assert len(ids) == 48 and len(set(ids)) == 48
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["image_count"] == 48
