@@ -46,6 +46,39 @@ def _shapes_eval(a: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _textspan(a: argparse.Namespace) -> None:
+    from .textspan import run_textspan
+    m = run_textspan(a.run, a.texts, m=a.m, rank=a.rank, layers=a.layers, precision=a.precision, device=a.device)
+    print(f"textspan: {len(m['textspan']['layers'])} layers x {m['heads']} heads, {m['textspan']['m']} texts each -> {a.run}/textspan.parquet")
+
+
+def _label(a: argparse.Namespace) -> None:
+    from .properties import run_label
+    labels = run_label(a.run, a.method, a.reference)
+    counts: dict[str, int] = {}
+    for x in labels:
+        counts[x.property] = counts.get(x.property, 0) + 1
+    print("heads per property: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+
+
+def _metrics(a: argparse.Namespace) -> None:
+    from .metrics import run_metrics
+    t = run_metrics(a.run)
+    for r in t.to_pylist():
+        if r["scope"] == "model":
+            print(f"{r['metric']:36s} {r['value']:.4f}")
+
+
+def _leaderboard(a: argparse.Namespace) -> None:
+    from .metrics import format_leaderboard, leaderboard
+    print(format_leaderboard(*leaderboard(a.store)))
+
+
+def _demo(a: argparse.Namespace) -> None:
+    from .demo import run_demo
+    run_demo(store=a.store, n=a.n, serve=not a.no_serve, port=a.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clip-atlas", description="Decompose and interpret CLIP image embeddings.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -63,6 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPU")
     c.add_argument("--workers", type=int, default=2, help="image decoding threads")
     c.set_defaults(func=_compute)
+
+    t = sub.add_parser("textspan", help="label each head's output space with texts (TextSpan)")
+    t.add_argument("run")
+    t.add_argument("--texts", default="general", help="pool: general | shapes | a .txt or .csv file")
+    t.add_argument("--m", type=int, default=20, help="texts per head")
+    t.add_argument("--rank", type=int, default=80, help="rank of the span the texts are projected on")
+    t.add_argument("--layers", default=None, help="subset of the stored layers (default: all stored)")
+    t.add_argument("--precision", default="float32", choices=["float32", "float64"])
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=_textspan)
+
+    lb = sub.add_parser("label", help="assign each head a property from its TextSpan texts")
+    lb.add_argument("run")
+    lb.add_argument("--method", default="tags", choices=["tags", "similarity", "llm"])
+    lb.add_argument("--reference", default="general", help="tagged pool for --method similarity")
+    lb.set_defaults(func=_label)
+
+    mt = sub.add_parser("metrics", help="interpretability metrics of a run")
+    mt.add_argument("run")
+    mt.set_defaults(func=_metrics)
+
+    ld = sub.add_parser("leaderboard", help="compare the runs of a store")
+    ld.add_argument("store", nargs="?", default=DEFAULT_STORE)
+    ld.set_defaults(func=_leaderboard)
+
+    d = sub.add_parser("demo", help="the offline default: Shapes data, store, labels, metrics, dashboard")
+    d.add_argument("--store", default=DEFAULT_STORE)
+    d.add_argument("--n", type=int, default=2000)
+    d.add_argument("--port", type=int, default=8501)
+    d.add_argument("--no-serve", action="store_true", help="build the store only")
+    d.set_defaults(func=_demo)
 
     m = sub.add_parser("models", help="list the named models")
     m.set_defaults(func=_models)

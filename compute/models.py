@@ -60,6 +60,20 @@ class LoadedModel:
     tokenizer: Callable
     info: ModelInfo
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """L2-normalised text embeddings [K, D] (float32, on the model's device)."""
+        from tqdm import tqdm
+        out = []
+        for i in tqdm(range(0, len(texts), batch_size), desc="encode texts", unit="batch", disable=not progress):
+            tokens = self.tokenizer(texts[i:i + batch_size]).to(self.device)
+            out.append(torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1))
+        return torch.cat(out)
+
 
 def register_configs() -> None:
     """Make the project's own open_clip configs (the Shapes CLIP) known to open_clip."""
@@ -172,8 +186,9 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
             constants.HF_HUB_OFFLINE = True
     try:
         # open_clip logs (not raises) several problems; keep its chatter out of the user's terminal
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), torch.random.fork_rng(devices=[]):
             logging.getLogger().setLevel(logging.ERROR)
+            torch.manual_seed(0)  # a random model is the same random model every time it is loaded
             model, _, preprocess = open_clip.create_model_and_transforms(
                 arch, pretrained=pretrained, device=device, precision=precision,
                 force_quick_gelu=force_quick, pretrained_text=False, pretrained_image=False)

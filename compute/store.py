@@ -90,7 +90,8 @@ class RunStore:
         return self.root / "heads" / f"layer={layer}" / f"head={head}"
 
     def property_dir(self, prop: str) -> Path:
-        return self.root / "property_vectors" / f"property={prop}"
+        safe = "".join(ch if ch.isalnum() or ch in " -_" else "_" for ch in prop)
+        return self.root / "property_vectors" / f"property={safe}"
 
     # ---- manifest
     def exists(self) -> bool:

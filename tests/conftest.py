@@ -47,3 +47,19 @@ def random_model(name: str, dtype=torch.float32, seed: int = 0):
 def shapes_dir(tmp_path_factory) -> Path:
     from compute.shapes.dataset import generate
     return generate(48, seed=3, out=tmp_path_factory.mktemp("shapes"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def shapes_run(shapes_dir, tmp_path_factory):
+    """A complete run of the random Shapes architecture over the small dataset, with TextSpan and labels."""
+    import json
+
+    from compute.job import ComputeConfig, run_compute
+    from compute.properties import run_label
+    from compute.textspan import run_textspan
+    run = tmp_path_factory.mktemp("store") / "shapes-random"
+    run_compute(ComputeConfig("clip-atlas-shapes:random", str(shapes_dir), str(run), layers="last2", batch_size=24),
+                progress=False)
+    run_textspan(str(run), "shapes", m=5, rank=16, progress=False)
+    run_label(str(run), "tags")
+    return run, json.loads((run / "manifest.json").read_text())

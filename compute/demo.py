@@ -1,0 +1,48 @@
+"""`clip-atlas demo`: the offline default, end to end on the Shapes organism."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from .store import RunStore
+
+DEMO_RUN = "shapes-demo"
+DEMO_DATA = "shapes-demo-data"
+
+
+def build_demo_store(store: str | Path = "artifacts", n: int = 2000, progress: bool = True) -> Path:
+    """Generate scenes, compute their store with the Shapes model, then TextSpan, labels, metrics, ground truth.
+    Each step is skipped when its output is already there, so a rerun is quick."""
+    from .job import ComputeConfig, run_compute
+    from .metrics import run_metrics
+    from .properties import run_label
+    from .shapes.dataset import generate
+    from .shapes.groundtruth import evaluate_run
+    from .textspan import run_textspan
+    store = Path(store)
+    data, run = store / DEMO_DATA, store / DEMO_RUN
+    if not (data / "scenes.parquet").is_file():
+        generate(n, seed=0, out=data, progress=progress)
+    rs = RunStore(run)
+    if not rs.exists() or rs.manifest().get("status") != "complete":
+        run_compute(ComputeConfig("shapes", str(data), str(run), layers="all", batch_size=128), progress=progress)
+    if not rs.table_path("textspan").is_file():
+        run_textspan(str(run), "shapes", m=10, rank=40, progress=progress)
+    if not rs.table_path("properties").is_file():
+        run_label(str(run), "tags")
+    if not rs.table_path("shapes_heads").is_file():
+        evaluate_run(str(run), progress=progress)
+    if not rs.table_path("metrics").is_file():
+        run_metrics(str(run), progress=progress)
+    return run
+
+
+def run_demo(store: str = "artifacts", n: int = 2000, serve: bool = True, port: int = 8501) -> None:
+    run = build_demo_store(store, n)
+    print(f"store ready: {run}")
+    if serve:
+        app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+        print(f"dashboard: http://localhost:{port}  (Ctrl-C to stop)")
+        subprocess.run([sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+                        "--", "--store", str(Path(store).resolve())], check=False)

@@ -1,0 +1,93 @@
+"""Heatmaps from per-token direct contributions: topic and contrastive segmentation, overlays, IoU."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .decompose import Decomposer
+from .models import LoadedModel
+
+
+@dataclass
+class TokenMaps:
+    """One image's per-token contributions: [L_t, H, N, D] for `layers`; token 0 is the class token."""
+    layers: list[int]
+    tokens: torch.Tensor
+    grid: tuple[int, int]
+
+
+@torch.no_grad()
+def token_maps(loaded: LoadedModel, image: Image.Image, layers: list[int] | None = None) -> TokenMaps:
+    layers = list(range(loaded.info.layers)) if layers is None else layers
+    pixels = loaded.preprocess(image)[None].to(loaded.device)
+    d = Decomposer(loaded.model, token_layers=layers)(pixels)
+    return TokenMaps(layers, d.tokens[0], tuple(loaded.info.grid))
+
+
+def select(maps: TokenMaps, heads: list[tuple[int, int]] | None) -> torch.Tensor:
+    """Sum of the chosen (layer, head) token maps, or of all of them: [N, D]."""
+    if heads is None:
+        return maps.tokens.sum((0, 1))
+    idx = {l: i for i, l in enumerate(maps.layers)}
+    return sum(maps.tokens[idx[l], h] for l, h in heads)
+
+
+def heatmap(maps: TokenMaps, text: torch.Tensor, heads: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """Per patch, the selected contributions dotted with a text embedding: [gh, gw] float."""
+    t = text.to(maps.tokens.dtype).to(maps.tokens.device).reshape(-1)
+    scores = select(maps, heads)[1:] @ t       # drop the class token: it has no place in the image
+    n = maps.grid[0] * maps.grid[1]
+    if scores.shape[0] != n:
+        raise ValueError(f"expected {n} patch tokens, got {scores.shape[0]}")
+    return scores.reshape(maps.grid).float().cpu().numpy()
+
+
+def contrastive(maps: TokenMaps, text_a: torch.Tensor, text_b: torch.Tensor,
+                heads: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(A - B, B - A): where the image speaks for A rather than B, and the reverse. Same scale by construction."""
+    diff = heatmap(maps, text_a, heads) - heatmap(maps, text_b, heads)
+    return diff, -diff
+
+
+def upsample(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of a patch grid to (height, width)."""
+    t = torch.from_numpy(np.ascontiguousarray(grid, np.float32))[None, None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+    """[0, 1] -> RGB in [0, 1]: a perceptually ordered blue-white-red ramp (computed in float: no uint8 wrap-around)."""
+    x = np.clip(x, 0.0, 1.0)[..., None]
+    blue, white, red = np.array([0.23, 0.30, 0.75]), np.array([0.97, 0.97, 0.97]), np.array([0.71, 0.02, 0.15])
+    lo = blue + (white - blue) * (x / 0.5)
+    hi = white + (red - white) * ((x - 0.5) / 0.5)
+    return np.where(x < 0.5, lo, hi)
+
+
+def overlay(image: Image.Image, heat: np.ndarray, vmin: float, vmax: float, alpha: float = 0.55) -> Image.Image:
+    """The heatmap (already at image size or not) over the image, scaled to [vmin, vmax]."""
+    rgb = np.asarray(image.convert("RGB"), np.float32) / 255.0
+    if heat.shape != rgb.shape[:2]:
+        heat = upsample(heat, rgb.shape[:2])
+    span = vmax - vmin if vmax > vmin else 1.0
+    colour = colormap((heat - vmin) / span)
+    out = (1 - alpha) * rgb + alpha * colour
+    return Image.fromarray(np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def symmetric_range(*maps: np.ndarray) -> tuple[float, float]:
+    """One colour scale for several maps, centred on zero."""
+    m = max(float(np.abs(x).max()) for x in maps) if maps else 1.0
+    m = m or 1.0
+    return -m, m
+
+
+def iou_at_mean(heat: np.ndarray, mask: np.ndarray) -> float:
+    """IoU of the map thresholded at its mean (the paper's protocol) with a boolean mask of the same size."""
+    pred = heat > heat.mean()
+    union = np.logical_or(pred, mask).sum()
+    return float(np.logical_and(pred, mask).sum() / union) if union else 0.0

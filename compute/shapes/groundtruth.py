@@ -1,0 +1,155 @@
+"""`clip-atlas shapes eval RUN`: which heads carry which attribute, and where the objects are, against ground truth.
+
+Per head and attribute: precision@8 of the head's nearest neighbours (dot product of centred
+contributions) sharing the query's value, over one-object scenes, against its chance level
+(the probability that a random other scene shares the value). The lift
+(p@8 - chance) / (1 - chance) is 0 at chance and 1 when every neighbour agrees.
+A head is specialised in an attribute when its best lift is at least SPECIALISED_LIFT and at
+least SPECIALISED_MARGIN times its second best.
+
+Segmentation: for each object, the all-heads token map of "a <colour> <shape>" thresholded at
+its mean, IoU with the object's true mask.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from ..errors import AtlasError
+from ..store import RunStore
+from .dataset import load_scenes
+from .world import ATTRIBUTES
+
+SPECIALISED_LIFT = 0.4
+SPECIALISED_MARGIN = 2.0
+K = 8
+
+
+def precision_at_k(C: np.ndarray, values: np.ndarray, k: int = K) -> float:
+    """Mean share of each row's k nearest rows (dot product of centred rows, self excluded) with the same value."""
+    X = C - C.mean(0, keepdims=True)
+    sims = X @ X.T
+    np.fill_diagonal(sims, -np.inf)
+    nn = np.argpartition(-sims, k, axis=1)[:, :k]
+    return float((values[nn] == values[:, None]).mean())
+
+
+def chance_level(values: np.ndarray) -> float:
+    """Probability that another random row shares the value (without replacement)."""
+    _, counts = np.unique(values, return_counts=True)
+    n = len(values)
+    return float((counts * (counts - 1)).sum() / (n * (n - 1)))
+
+
+def specialisation(lifts: dict[str, float]) -> str | None:
+    ranked = sorted(lifts.items(), key=lambda kv: -kv[1])
+    (best, top), second = ranked[0], (ranked[1][1] if len(ranked) > 1 else 0.0)
+    if top >= SPECIALISED_LIFT and top >= SPECIALISED_MARGIN * max(second, 0.0):
+        return best
+    return None
+
+
+def _scene_table(store: RunStore) -> tuple[np.ndarray, list[dict], np.ndarray, np.ndarray]:
+    """(image_ids, scene records, masks, scene row of each image) for the run's images, sorted by image_id."""
+    from ..heads import read_images
+    man = store.manifest()
+    scenes, masks = load_scenes(man["images_root"])
+    row_of = {s["path"]: i for i, s in enumerate(scenes)}
+    images = read_images(store)
+    ids = images.column("image_id").to_numpy()
+    paths = images.column("path").to_pylist()
+    missing = [p for p in paths if p not in row_of]
+    if missing:
+        raise AtlasError(f"{store.root}: {len(missing)} images are not in the Shapes dataset's scenes.parquet")
+    return ids, scenes, masks, np.array([row_of[p] for p in paths])
+
+
+def evaluate_heads(store: RunStore, progress: bool = True) -> pa.Table:
+    from ..heads import read_head
+    man = store.manifest()
+    ids, scenes, _, rows = _scene_table(store)
+    single = np.array([scenes[r]["n_objects"] == 1 for r in rows])
+    if single.sum() < 4 * K:
+        raise AtlasError(f"{store.root}: too few one-object scenes ({single.sum()}) to evaluate heads")
+    values = {a: np.array([scenes[r]["background"] if a == "background" else scenes[r][f"obj1_{a}"] for r in rows])[single]
+              for a in ATTRIBUTES}
+    chance = {a: chance_level(v) for a, v in values.items()}
+    out: dict[str, list] = {k: [] for k in ("layer", "head", "attribute", "precision_at_8", "chance", "lift", "specialised")}
+    pairs = [(l, h) for l in man["head_layers"] for h in range(man["heads"])]
+    for layer, head in tqdm(pairs, desc="ground truth", unit="head", disable=not progress):
+        hid, C = read_head(store, layer, head)
+        if not np.array_equal(hid, ids):
+            raise AtlasError(f"{store.root}: head rows do not match image rows; is the run complete?")
+        C = C[single]
+        lifts = {}
+        for a, v in values.items():
+            p = precision_at_k(C, v)
+            lifts[a] = (p - chance[a]) / (1 - chance[a])
+            out["precision_at_8"].append(p)
+        spec = specialisation(lifts)
+        for a in ATTRIBUTES:
+            out["layer"].append(layer)
+            out["head"].append(head)
+            out["attribute"].append(a)
+            out["chance"].append(chance[a])
+            out["lift"].append(lifts[a])
+            out["specialised"].append(spec == a)
+    return pa.table({"layer": pa.array(out["layer"], pa.int16()), "head": pa.array(out["head"], pa.int16()),
+                     "attribute": out["attribute"], "precision_at_8": out["precision_at_8"], "chance": out["chance"],
+                     "lift": out["lift"], "specialised": out["specialised"]})
+
+
+def evaluate_segmentation(store: RunStore, n_images: int = 120, seed: int = 0, progress: bool = True) -> pa.Table:
+    from PIL import Image
+
+    from ..heads import read_images
+    from ..models import load_model
+    from ..segment import heatmap, iou_at_mean, token_maps, upsample
+    man = store.manifest()
+    ids, scenes, masks, rows = _scene_table(store)
+    paths = read_images(store).column("path").to_pylist()
+    loaded = load_model(man["model"])
+    pick = random.Random(seed).sample(range(len(ids)), min(n_images, len(ids)))
+    out: dict[str, list] = {k: [] for k in ("image_id", "object", "text", "iou")}
+    for i in tqdm(pick, desc="segmentation", unit="img", disable=not progress):
+        scene = scenes[rows[i]]
+        image = Image.open(Path(man["images_root"]) / paths[i]).convert("RGB")
+        maps = token_maps(loaded, image)
+        for o in range(scene["n_objects"]):
+            text = f"a {scene[f'obj{o + 1}_color']} {scene[f'obj{o + 1}_shape']}"
+            emb = loaded.encode_texts([text])[0]
+            heat = upsample(heatmap(maps, emb), masks[rows[i]].shape)
+            out["image_id"].append(int(ids[i]))
+            out["object"].append(o + 1)
+            out["text"].append(text)
+            out["iou"].append(iou_at_mean(heat, masks[rows[i]] == o + 1))
+    return pa.table({"image_id": pa.array(out["image_id"], pa.int64()), "object": pa.array(out["object"], pa.int8()),
+                     "text": out["text"], "iou": out["iou"]})
+
+
+@torch.no_grad()
+def evaluate_run(run: str, progress: bool = True) -> dict:
+    """Writes shapes_heads, shapes_models and shapes_segmentation tables; returns the per-model summary."""
+    store = RunStore(run)
+    man = store.manifest()
+    if man.get("status") != "complete":
+        raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
+    heads = evaluate_heads(store, progress)
+    seg = evaluate_segmentation(store, progress=progress)
+    store.write_derived("shapes_heads", heads)
+    store.write_derived("shapes_segmentation", seg)
+    rows = heads.to_pylist()
+    last2 = set(sorted(man["head_layers"])[-2:])
+    n_last2 = len({(r["layer"], r["head"]) for r in rows if r["layer"] in last2})
+    summary = {f"specialised_{a}": sum(r["specialised"] for r in rows if r["attribute"] == a) for a in ATTRIBUTES}
+    summary["specialised_heads"] = sum(r["specialised"] for r in rows)
+    summary["specialised_share_last2"] = sum(r["specialised"] for r in rows if r["layer"] in last2) / max(1, n_last2)
+    summary["segmentation_miou"] = float(np.mean(seg.column("iou").to_numpy())) if seg.num_rows else float("nan")
+    store.write_derived("shapes_models", pa.table({"metric": list(summary), "value": [float(v) for v in summary.values()]}))
+    store.update_manifest(shapes_eval=summary)
+    return summary

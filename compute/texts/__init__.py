@@ -1,0 +1,52 @@
+"""Description pools: the bundled ones by name ('general', 'shapes') or a user's .txt / .csv file."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import AtlasError
+
+HERE = Path(__file__).parent
+BUNDLED = {"general": HERE / "general.csv", "shapes": HERE / "shapes.csv"}
+MAX_WORDS = 30
+
+
+@dataclass
+class Pool:
+    texts: list[str]
+    tags: list[list[str]]       # empty lists for an untagged pool
+    source: str
+
+    @property
+    def tagged(self) -> bool:
+        return any(self.tags)
+
+
+def load_pool(name_or_path: str) -> Pool:
+    """A pool by bundled name or path: .txt (one description a line) or .csv (text[,tags] with ';'-separated tags)."""
+    path = BUNDLED.get(name_or_path, Path(name_or_path))
+    if not path.is_file():
+        raise AtlasError(f"description pool not found: {name_or_path} (bundled: {', '.join(BUNDLED)})")
+    texts, tags, seen = [], [], set()
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.suffix.lower() == ".csv":
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or "text" not in reader.fieldnames:
+                    raise AtlasError(f"{path}: a CSV pool needs a 'text' column (and optionally 'tags')")
+                rows = [(r["text"], r.get("tags") or "") for r in reader]
+            else:
+                rows = [(line, "") for line in f]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise AtlasError(f"cannot read pool {path}: {e}") from None
+    for text, tag_str in rows:
+        text = " ".join((text or "").split())
+        if not text or text in seen or len(text.split()) > MAX_WORDS:
+            continue
+        seen.add(text)
+        texts.append(text)
+        tags.append([t.strip() for t in tag_str.split(";") if t.strip()])
+    if len(texts) < 2:
+        raise AtlasError(f"pool {path} has fewer than 2 usable descriptions")
+    return Pool(texts, tags, str(path))

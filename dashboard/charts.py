@@ -1,0 +1,68 @@
+"""Altair charts used by the pages (presentation only)."""
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from compute.segment import colormap
+
+
+def property_grid(rows: list[tuple[int, int, str, float]], title: str = "Head properties") -> alt.Chart:
+    df = pd.DataFrame(rows, columns=["layer", "head", "property", "confidence"])
+    return alt.Chart(df, title=title).mark_rect(stroke="white").encode(
+        x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"),
+        color=alt.Color("property:N", scale=alt.Scale(scheme="tableau20")),
+        opacity=alt.Opacity("confidence:Q", scale=alt.Scale(domain=[0, 1], range=[0.35, 1]), legend=None),
+        tooltip=["layer", "head", "property", alt.Tooltip("confidence:Q", format=".2f")],
+    ).properties(height=alt.Step(28), width=alt.Step(28))
+
+
+def specialisation_grid(rows: list[tuple[int, int, str, float, bool]]) -> alt.Chart:
+    df = pd.DataFrame(rows, columns=["layer", "head", "attribute", "lift", "specialised"])
+    best = df.sort_values("lift", ascending=False).groupby(["layer", "head"], as_index=False).first()
+    best["label"] = np.where(best["specialised"], best["attribute"], "mixed")
+    return alt.Chart(best, title="Ground truth: the attribute each head specialises in").mark_rect(stroke="white").encode(
+        x="head:O", y=alt.Y("layer:O", sort="descending"),
+        color=alt.Color("label:N", scale=alt.Scale(scheme="tableau10"), title="attribute"),
+        tooltip=["layer", "head", "attribute", alt.Tooltip("lift:Q", format=".2f"), "specialised"],
+    ).properties(height=alt.Step(28), width=alt.Step(28))
+
+
+def text_bars(rows: list[tuple[int, str, float, float]]) -> alt.Chart:
+    df = pd.DataFrame(rows, columns=["rank", "text", "variance", "cumulative"])
+    return alt.Chart(df).mark_bar().encode(
+        x=alt.X("variance:Q", title="share of the head's variance", axis=alt.Axis(format="%")),
+        y=alt.Y("text:N", sort=alt.SortField("rank"), title=None),
+        tooltip=["rank", "text", alt.Tooltip("variance:Q", format=".1%"), alt.Tooltip("cumulative:Q", format=".1%")],
+    )
+
+
+def layer_effects(rows: list[tuple], run_names: list[str]) -> alt.Chart:
+    """rows: (run, layer, metric, value) of ablation_cosine_* -> line chart of 1 - cosine per layer."""
+    df = pd.DataFrame(rows, columns=["run", "layer", "metric", "value"])
+    df["effect"] = 1 - df["value"]
+    df["part"] = df["metric"].str.replace("ablation_cosine_", "", regex=False)
+    return alt.Chart(df, title="Direct effect per layer (1 - cosine kept under mean-ablation)").mark_line(point=True).encode(
+        x="layer:O", y=alt.Y("effect:Q", title="1 - cosine"), color="run:N", strokeDash="part:N",
+        tooltip=["run", "part", "layer", alt.Tooltip("effect:Q", format=".4f")])
+
+
+def variance_box(rows: list[tuple]) -> alt.Chart:
+    df = pd.DataFrame(rows, columns=["run", "layer", "head", "value"])
+    return alt.Chart(df, title="Variance explained by each head's TextSpan texts").mark_boxplot().encode(
+        x="run:N", y=alt.Y("value:Q", title="share of variance", axis=alt.Axis(format="%")), color="run:N")
+
+
+def property_counts(rows: list[tuple[str, str]]) -> alt.Chart:
+    df = pd.DataFrame(rows, columns=["run", "property"])
+    return alt.Chart(df, title="Heads per property").mark_bar().encode(
+        x=alt.X("count():Q", title="heads"), y=alt.Y("run:N"), color=alt.Color("property:N", scale=alt.Scale(scheme="tableau20")),
+        tooltip=["run", "property", "count()"])
+
+
+def colour_bar(vmin: float, vmax: float, width: int = 256, height: int = 14) -> Image.Image:
+    """The heatmap legend: the same ramp as the overlay, low values left."""
+    ramp = colormap(np.linspace(0, 1, width))[None].repeat(height, 0)
+    return Image.fromarray((ramp * 255).round().astype(np.uint8))

@@ -1,0 +1,183 @@
+"""Widgets shared by the pages: store and run pickers bound to the URL, the image picker, error display."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import streamlit as st
+from PIL import Image
+
+from compute.errors import AtlasError
+
+from . import live
+from .queries import RunInfo, Store, store_root
+
+DISPLAY_PX = 256
+
+
+@st.cache_resource
+def store(root: str) -> Store:
+    return Store(root)
+
+
+def current_store() -> Store:
+    return store(str(store_root()))
+
+
+def param(name: str, default=None, cast=str):
+    """A query parameter, cast, or the default when absent or malformed."""
+    raw = st.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        return cast(raw)
+    except (TypeError, ValueError):
+        return default
+
+
+def set_params(**values) -> None:
+    for k, v in values.items():
+        if v is None:
+            st.query_params.pop(k, None)
+        elif st.query_params.get(k) != str(v):
+            st.query_params[k] = str(v)
+
+
+def pick_run(need: tuple[str, ...] = ()) -> tuple[Store, RunInfo] | None:
+    """Select a usable run (bound to ?run=); explains and returns None when there is none."""
+    s = current_store()
+    runs = s.runs()
+    bad = [r for r in runs if not r.ok]
+    good = [r for r in runs if r.ok and all(r.has(t) for t in need)]
+    for r in bad:
+        st.warning(f"Run **{r.name}** is skipped: {r.problem}")
+    if not good:
+        what = f" with {', '.join(need)}" if need else ""
+        st.info(f"No complete run{what} in `{s.root}`. Build one with `clip-atlas demo --no-serve` "
+                "or `clip-atlas compute` (then `textspan`, `label`, `metrics`).")
+        return None
+    names = [r.name for r in good]
+    wanted = param("run", names[0])
+    name = st.sidebar.selectbox("Run", names, index=names.index(wanted) if wanted in names else 0, key="run")
+    set_params(run=name)
+    return s, good[names.index(name)]
+
+
+def pick_head(run: RunInfo, default_layer: int | None = None) -> tuple[int, int]:
+    layers = run.manifest["head_layers"]
+    layer = param("layer", default_layer if default_layer is not None else layers[-1], int)
+    layer = layer if layer in layers else layers[-1]
+    head = param("head", 0, int)
+    head = head if 0 <= head < run.manifest["heads"] else 0
+    c1, c2 = st.columns(2)
+    layer = c1.selectbox("Layer", layers, index=layers.index(layer), key="layer")
+    head = c2.selectbox("Head", list(range(run.manifest["heads"])), index=head, key="head")
+    set_params(layer=layer, head=head)
+    return layer, head
+
+
+@dataclass
+class PickedImage:
+    image: Image.Image
+    image_id: int | None       # set when it comes from the store's gallery
+    caption: str
+
+
+def pick_image(s: Store, run: RunInfo, key: str = "img") -> PickedImage | None:
+    """An uploaded image, or one from the run's gallery (?image=ID)."""
+    source = st.radio("Image", ["Gallery", "Upload"], horizontal=True, key=f"{key}_src",
+                      index=1 if param("src") == "upload" else 0)
+    if source == "Upload":
+        set_params(src="upload", image=None)
+        up = st.file_uploader("Upload an image", type=None, key=f"{key}_upload")
+        if up is None:
+            st.caption("PNG, JPEG, WebP, ... up to 20 MB.")
+            return None
+        with show_errors():
+            return PickedImage(live.decode_upload(up.getvalue()), None, up.name)
+        return None
+    set_params(src=None)
+    rows = s.gallery(run, limit=48)
+    if not rows:
+        st.info("This run has no images.")
+        return None
+    ids = [r[0] for r in rows]
+    wanted = param("image", ids[0], int)
+    if wanted not in ids:  # a shared URL may point past the first page of the gallery
+        extra = s.image_info(run, [wanted])
+        if wanted in extra:
+            rows, ids = [(wanted, *extra[wanted])] + rows, [wanted] + ids
+    labels = {r[0]: f"{r[1]}" + (f"  ({r[2]})" if r[2] else "") for r in rows}
+    choice = st.selectbox("Gallery image", ids, index=ids.index(wanted) if wanted in ids else 0,
+                          format_func=lambda i: labels[i], key=f"{key}_gallery")
+    set_params(image=choice)
+    path = s.image_path(run, choice)
+    with show_errors():
+        return PickedImage(live.decode_upload(path.read_bytes()), choice, labels[choice])
+    return None
+
+
+@contextlib.contextmanager
+def show_errors():
+    """Turn a user-facing error into a message on the page; the page keeps serving."""
+    try:
+        yield
+    except AtlasError as e:
+        st.error(str(e))
+    except (OSError, ValueError) as e:
+        st.error(f"Could not complete this: {type(e).__name__}: {str(e)[:200]}")
+
+
+def show_image(image: Image.Image, caption: str | None = None, px: int = DISPLAY_PX) -> None:
+    """Small images (the Shapes world is 64 px) are enlarged without blurring."""
+    if max(image.size) < px:
+        scale = px / max(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+    st.image(image, caption=caption)
+
+
+def image_grid(s: Store, run: RunInfo, hits: list[tuple[int, float]], cols: int = 4) -> None:
+    """Top-k results as a grid of images with their scores."""
+    if not hits:
+        st.info("No results.")
+        return
+    info = s.image_info(run, [i for i, _ in hits])
+    columns = st.columns(cols)
+    for n, (image_id, score) in enumerate(hits):
+        with columns[n % cols]:
+            path, label = info.get(image_id, ("?", None))
+            full = s.image_path(run, image_id)
+            try:
+                show_image(Image.open(full).convert("RGB"), f"{score:.3f}" + (f" · {label}" if label else ""), px=160)
+            except OSError:
+                st.warning(f"missing file {path}")
+
+
+def pick_map_heads(run: RunInfo) -> list[tuple[int, int]] | None:
+    """'All heads' (None) or one head of any layer, for live token maps (bound to ?heads=all|L,H)."""
+    n_layers, n_heads = run.manifest["layers"], run.manifest["heads"]
+    raw = param("heads", "all")
+    options = ["All heads"] + [f"L{l} H{h}" for l in range(n_layers) for h in range(n_heads)]
+    current = "All heads"
+    if raw != "all":
+        try:
+            l, h = (int(x) for x in raw.split(","))
+            current = f"L{l} H{h}" if 0 <= l < n_layers and 0 <= h < n_heads else current
+        except ValueError:
+            pass
+    choice = st.selectbox("Heads", options, index=options.index(current), key="map_heads")
+    if choice == "All heads":
+        set_params(heads="all")
+        return None
+    l, h = (int(x[1:]) for x in choice.split())
+    set_params(heads=f"{l},{h}")
+    return [(l, h)]
+
+
+def show_heatmap(image: Image.Image, heat, vmin: float, vmax: float, caption: str) -> None:
+    from compute.segment import overlay
+
+    from .charts import colour_bar
+    show_image(overlay(image, heat, vmin, vmax), caption)
+    st.image(colour_bar(vmin, vmax), width=DISPLAY_PX)
+    st.caption(f"blue {vmin:+.4f} · white 0 · red {vmax:+.4f}" if vmin < 0 < vmax else f"{vmin:+.4f} … {vmax:+.4f}")

@@ -1,0 +1,34 @@
+"""Every head: its property, its TextSpan texts, the images that express it most."""
+import streamlit as st
+
+from dashboard import charts
+from dashboard.common import image_grid, pick_head, pick_run, show_errors
+
+st.title("Head atlas")
+picked = pick_run()
+if picked is None:
+    st.stop()
+s, run = picked
+with show_errors():
+    props = s.properties(run)
+    truth = s.ground_truth(run)
+    c1, c2 = st.columns(2)
+    if props:
+        c1.altair_chart(charts.property_grid(props), width="content")
+    else:
+        c1.info("No property labels yet: `clip-atlas textspan RUN` then `clip-atlas label RUN`.")
+    if truth:
+        c2.altair_chart(charts.specialisation_grid(truth), width="content")
+    st.divider()
+    layer, head = pick_head(run)
+    label = {(l, h): (p, c) for l, h, p, c in props}.get((layer, head))
+    if label:
+        st.markdown(f"**Property:** {label[0]} · confidence {label[1]:.0%}")
+    texts = s.head_texts(run, layer, head)
+    if texts:
+        st.altair_chart(charts.text_bars(texts), width="stretch")
+        direction = s.head_direction(run, layer, head)
+        st.subheader(f"Images that score highest on “{texts[0][1]}”")
+        image_grid(s, run, s.head_top_k(run, layer, head, direction, k=8))
+    else:
+        st.info("This head has no TextSpan texts yet.")

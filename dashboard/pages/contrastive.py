@@ -1,0 +1,33 @@
+"""Text A against text B on one image: the two difference maps on one shared scale."""
+import streamlit as st
+
+from compute.segment import contrastive, symmetric_range
+
+from dashboard import live
+from dashboard.common import param, pick_image, pick_map_heads, pick_run, set_params, show_errors, show_heatmap, show_image
+
+st.title("Contrastive segmentation")
+picked = pick_run()
+if picked is None:
+    st.stop()
+s, run = picked
+with show_errors():
+    spec = run.manifest["model"]
+    heads = pick_map_heads(run)
+    c1, c2 = st.columns(2)
+    text_a = c1.text_input("Text A", value=param("a", "a circle"), key="text_a")
+    text_b = c2.text_input("Text B", value=param("b", "a square"), key="text_b")
+    set_params(a=text_a or None, b=text_b or None)
+    img = pick_image(s, run)
+    if img is not None:
+        text_a, text_b = live.clean_text(text_a), live.clean_text(text_b)
+        maps = live.image_token_maps(spec, img.image)
+        a_minus_b, b_minus_a = contrastive(maps, live.text_embedding(spec, text_a), live.text_embedding(spec, text_b), heads)
+        vmin, vmax = symmetric_range(a_minus_b, b_minus_a)
+        cols = st.columns(3)
+        with cols[0]:
+            show_image(img.image, img.caption)
+        with cols[1]:
+            show_heatmap(img.image, a_minus_b, vmin, vmax, f"“{text_a}” − “{text_b}”")
+        with cols[2]:
+            show_heatmap(img.image, b_minus_a, vmin, vmax, f"“{text_b}” − “{text_a}”")

@@ -1,0 +1,29 @@
+"""Per-head nearest neighbours of a text: which images does this head place closest to it?"""
+import streamlit as st
+
+from dashboard import live
+from dashboard.common import image_grid, param, pick_head, pick_run, set_params, show_errors
+
+st.title("Text neighbours")
+picked = pick_run()
+if picked is None:
+    st.stop()
+s, run = picked
+with show_errors():
+    layer, head = pick_head(run)
+    suggestions = s.head_texts(run, layer, head)
+    if "query_text" not in st.session_state:
+        st.session_state.query_text = param("text", suggestions[0][1] if suggestions else "")
+    if suggestions:
+        st.caption("This head's TextSpan texts (click to use):")
+        cols = st.columns(5)
+        for i, (_, text, _, _) in enumerate(suggestions[:10]):
+            if cols[i % 5].button(text, key=f"sugg{i}"):
+                st.session_state.query_text = text
+    text = st.text_input("Text", key="query_text")
+    k = st.slider("Results", 1, 24, param("k", 8, int), key="k")
+    set_params(text=text or None, k=k)
+    text = live.clean_text(text)
+    query = live.text_embedding(run.manifest["model"], text)
+    st.subheader(f"Top {k} for “{text}” through layer {layer}, head {head}")
+    image_grid(s, run, s.head_top_k(run, layer, head, query, k=k))

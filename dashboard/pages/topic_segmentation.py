@@ -1,0 +1,28 @@
+"""Where in the image does one head (or all) write the direction of a text?"""
+import streamlit as st
+
+from compute.segment import heatmap, symmetric_range
+
+from dashboard import live
+from dashboard.common import param, pick_image, pick_map_heads, pick_run, set_params, show_errors, show_heatmap, show_image
+
+st.title("Topic segmentation")
+picked = pick_run()
+if picked is None:
+    st.stop()
+s, run = picked
+with show_errors():
+    spec = run.manifest["model"]
+    heads = pick_map_heads(run)
+    text = st.text_input("Text", value=param("text", "a red circle"), key="topic_text")
+    set_params(text=text or None)
+    img = pick_image(s, run)
+    if img is not None:
+        text = live.clean_text(text)
+        maps = live.image_token_maps(spec, img.image)
+        heat = heatmap(maps, live.text_embedding(spec, text), heads)
+        c1, c2 = st.columns(2)
+        with c1:
+            show_image(img.image, img.caption)
+        with c2:
+            show_heatmap(img.image, heat, *symmetric_range(heat), f"“{text}”, {'all heads' if heads is None else f'layer {heads[0][0]} head {heads[0][1]}'}")

@@ -1,0 +1,207 @@
+"""The dashboard's query layer: read-only DuckDB over one store folder, parameterised queries only.
+
+One connection per store (sandboxed to the store folder), one cursor per thread.
+Every function returns plain Python / numpy; pages never write SQL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+from compute.errors import AtlasError
+from compute.store import MANIFEST, RunStore, list_runs
+
+DEFAULT_STORE = Path(__file__).resolve().parent.parent / "artifacts"
+
+
+def store_root() -> Path:
+    """--store PATH after `--` on the streamlit command line, else $CLIP_ATLAS_STORE, else ./artifacts."""
+    argv = sys.argv
+    if "--store" in argv and argv.index("--store") + 1 < len(argv):
+        return Path(argv[argv.index("--store") + 1]).resolve()
+    return Path(os.environ.get("CLIP_ATLAS_STORE", DEFAULT_STORE)).resolve()
+
+
+@dataclass
+class RunInfo:
+    name: str
+    path: Path
+    manifest: dict | None
+    problem: str | None      # why the run cannot be used (missing / malformed), else None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def has(self, table: str) -> bool:
+        return (self.path / f"{table}.parquet").is_file()
+
+
+class Store:
+    """Read-only access to a store folder."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self._local = threading.local()
+        self._con = duckdb.connect(":memory:")
+        # sandbox: only the store folder is readable, and the settings cannot be changed back
+        self._con.execute("SET allowed_directories = ?", [[str(self.root)]])
+        self._con.execute("SET enable_external_access = false")
+        self._con.execute("SET lock_configuration = true")
+
+    # ---- connection
+    def _cur(self) -> duckdb.DuckDBPyConnection:
+        cur = getattr(self._local, "cur", None)
+        if cur is None:
+            cur = self._local.cur = self._con.cursor()
+        return cur
+
+    def sql(self, query: str, params: list | None = None) -> list[tuple]:
+        return self._cur().execute(query, params or []).fetchall()
+
+    # ---- runs
+    def runs(self) -> list[RunInfo]:
+        out = []
+        if not self.root.is_dir():
+            return out
+        for p in sorted(self.root.iterdir()):
+            if not p.is_dir() or p.name.startswith((".", "_")):
+                continue
+            if not (p / MANIFEST).is_file():
+                if any(p.glob("images/*.parquet")):
+                    out.append(RunInfo(p.name, p, None, "no manifest.json (not a finished run)"))
+                continue
+            try:
+                m = RunStore(p).manifest()
+                problem = None if m.get("status") == "complete" else f"status {m.get('status')!r}: still computing or interrupted"
+            except AtlasError as e:
+                m, problem = None, str(e)
+            out.append(RunInfo(p.name, p, m, problem))
+        return out
+
+    def run(self, name: str) -> RunInfo:
+        for r in self.runs():
+            if r.name == name:
+                return r
+        raise AtlasError(f"no run named {name!r} in {self.root}")
+
+    def _glob(self, run: RunInfo, *parts: str) -> str:
+        return str(run.path.joinpath(*parts))
+
+    # ---- images
+    def image_count(self, run: RunInfo) -> int:
+        return self.sql("SELECT count(*) FROM read_parquet(?)", [self._glob(run, "images", "*.parquet")])[0][0]
+
+    def gallery(self, run: RunInfo, limit: int = 24, offset: int = 0, label: str | None = None) -> list[tuple[int, str, str | None]]:
+        return self.sql("""
+            SELECT image_id, path, label FROM read_parquet(?)
+            WHERE ? IS NULL OR label = ?
+            ORDER BY path LIMIT ? OFFSET ?""", [self._glob(run, "images", "*.parquet"), label, label, limit, offset])
+
+    def labels(self, run: RunInfo) -> list[str]:
+        return [r[0] for r in self.sql("SELECT DISTINCT label FROM read_parquet(?) WHERE label IS NOT NULL ORDER BY 1",
+                                       [self._glob(run, "images", "*.parquet")])]
+
+    def image_path(self, run: RunInfo, image_id: int) -> Path | None:
+        rows = self.sql("SELECT path FROM read_parquet(?) WHERE image_id = ?", [self._glob(run, "images", "*.parquet"), image_id])
+        return Path(run.manifest["images_root"]) / rows[0][0] if rows else None
+
+    def image_info(self, run: RunInfo, ids: list[int]) -> dict[int, tuple[str, str | None]]:
+        rows = self.sql("SELECT image_id, path, label FROM read_parquet(?) WHERE list_contains(?, image_id)",
+                        [self._glob(run, "images", "*.parquet"), ids])
+        return {i: (p, l) for i, p, l in rows}
+
+    def stored_head(self, run: RunInfo, image_id: int, layer: int, head: int) -> np.ndarray | None:
+        rows = self.sql("SELECT contribution FROM read_parquet(?) WHERE image_id = ?",
+                        [self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"), image_id])
+        return np.asarray(rows[0][0], np.float32) if rows else None
+
+    def stored_property_vector(self, run: RunInfo, image_id: int, prop: str) -> np.ndarray | None:
+        rows = self.sql("SELECT vector FROM read_parquet(?) WHERE image_id = ?",
+                        [str(RunStore(run.path).property_dir(prop) / "*.parquet"), image_id])
+        return np.asarray(rows[0][0], np.float32) if rows else None
+
+    # ---- nearest neighbours (brute force, one head's or one property's files only)
+    def head_top_k(self, run: RunInfo, layer: int, head: int, query: np.ndarray, k: int = 8,
+                   exclude: int | None = None) -> list[tuple[int, float]]:
+        return self.sql("""
+            SELECT image_id, list_dot_product(contribution, ?::FLOAT[]) AS score
+            FROM read_parquet(?) WHERE image_id IS DISTINCT FROM ?
+            ORDER BY score DESC LIMIT ?""",
+            [np.asarray(query, np.float32).tolist(),
+             self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"), exclude, k])
+
+    def property_top_k(self, run: RunInfo, prop: str, query: np.ndarray, k: int = 4,
+                       exclude: int | None = None) -> list[tuple[int, float]]:
+        return self.sql("""
+            SELECT image_id, list_dot_product(vector, ?::FLOAT[]) AS score
+            FROM read_parquet(?) WHERE image_id IS DISTINCT FROM ?
+            ORDER BY score DESC LIMIT ?""",
+            [np.asarray(query, np.float32).tolist(), str(RunStore(run.path).property_dir(prop) / "*.parquet"), exclude, k])
+
+    # ---- TextSpan, properties, metrics
+    def head_texts(self, run: RunInfo, layer: int, head: int) -> list[tuple[int, str, float, float]]:
+        if not run.has("textspan"):
+            return []
+        return self.sql("""
+            SELECT rank, text, variance_explained, cumulative_variance FROM read_parquet(?)
+            WHERE layer = ? AND head = ? ORDER BY rank""", [self._glob(run, "textspan.parquet"), layer, head])
+
+    def head_direction(self, run: RunInfo, layer: int, head: int, rank: int = 0) -> np.ndarray | None:
+        """The head's TextSpan direction at `rank` (its main text direction for rank 0)."""
+        if not run.has("textspan"):
+            return None
+        rows = self.sql("SELECT direction FROM read_parquet(?) WHERE layer = ? AND head = ? AND rank = ?",
+                        [self._glob(run, "textspan.parquet"), layer, head, rank])
+        return np.asarray(rows[0][0], np.float32) if rows else None
+
+    def properties(self, run: RunInfo) -> list[tuple[int, int, str, float]]:
+        if not run.has("properties"):
+            return []
+        return self.sql("SELECT layer, head, property, confidence FROM read_parquet(?) ORDER BY layer, head",
+                        [self._glob(run, "properties.parquet")])
+
+    def property_names(self, run: RunInfo) -> list[str]:
+        folder = run.path / "property_vectors"
+        return sorted(p.name.split("=", 1)[1] for p in folder.glob("property=*")) if folder.is_dir() else []
+
+    def heads_with_property(self, run: RunInfo, prop: str) -> list[tuple[int, int]]:
+        return [(l, h) for l, h, p, _ in self.properties(run) if p == prop]
+
+    def metrics(self, run: RunInfo, scope: str) -> list[tuple]:
+        if not run.has("metrics"):
+            return []
+        return self.sql("SELECT layer, head, metric, value FROM read_parquet(?) WHERE scope = ? ORDER BY metric, layer, head",
+                        [self._glob(run, "metrics.parquet"), scope])
+
+    def leaderboard(self) -> list[tuple[str, str, str, float]]:
+        files = [str(r.path / "metrics.parquet") for r in self.runs() if r.ok and r.has("metrics")]
+        if not files:
+            return []
+        return self.sql("""
+            SELECT run, model, metric, value FROM read_parquet(?, union_by_name = true)
+            WHERE scope = 'model' ORDER BY run, metric""", [files])
+
+    def ground_truth(self, run: RunInfo) -> list[tuple[int, int, str, float, bool]]:
+        if not run.has("shapes_heads"):
+            return []
+        return self.sql("SELECT layer, head, attribute, lift, specialised FROM read_parquet(?) ORDER BY layer, head, attribute",
+                        [self._glob(run, "shapes_heads.parquet")])
+
+
+def manifest_summary(run: RunInfo) -> dict:
+    m = run.manifest or {}
+    return {"run": run.name, "model": m.get("model"), "random weights": m.get("random_weights"),
+            "images": m.get("image_count"), "status": m.get("status", "?") if run.ok else run.problem,
+            "layers x heads": f"{m.get('layers')} x {m.get('heads')}" if m else None}
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, default=str)

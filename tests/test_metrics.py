@@ -1,0 +1,151 @@
+"""Labels, property vectors, metrics and the leaderboard, on inputs with known answers."""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from compute.cli import main
+from compute.errors import AtlasError
+from compute.heads import read_head
+from compute.metrics import (ablation_cosine, association, entanglement, leaderboard, run_metrics,
+                             textspan_reconstruction)
+from compute.properties import UNLABELLED, HeadLabel, majority, run_label
+from compute.shapes.groundtruth import chance_level, precision_at_k, specialisation
+from compute.store import RunStore
+
+
+def L(prop, conf=1.0, layer=0, head=0):
+    return HeadLabel(layer, head, prop, conf, "tags")
+
+
+def test_majority():
+    assert majority([["colors"], ["colors", "vehicles"], ["vehicles"], ["colors"]]) == ("colors", 0.75)
+    assert majority([["a"], ["b"]]) == ("a", 0.5)              # tie: the earlier pick wins
+    assert majority([[], []]) == (UNLABELLED, 0.0)
+    assert majority([]) == (UNLABELLED, 0.0)
+
+
+def test_association_and_entanglement_known_answers():
+    distinct = [L("colors", 1.0), L("shapes", 0.5), L("animals", 0.75), L("weather", 0.75)]
+    assert association(distinct) == pytest.approx(0.75)
+    assert entanglement(distinct) == 0.0
+    same = [L("colors")] * 4
+    assert entanglement(same) == 1.0
+    # two pairs: each head shares with 1 of 3 others
+    assert entanglement([L("a"), L("a"), L("b"), L("b")]) == pytest.approx(1 / 3)
+    # unlabelled heads do not count
+    assert association([L("a", 0.5), L(UNLABELLED, 0.0)]) == 0.5
+    assert np.isnan(entanglement([L("a")]))
+
+
+def test_ablation_cosine_known_answers():
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(50, 8))
+    constant = np.tile(rng.normal(size=8), (50, 1))
+    assert ablation_cosine(e, constant) == pytest.approx(1.0)          # a constant part has no effect
+    assert ablation_cosine(e, e) < 0.5                                 # ablating everything destroys it
+
+
+def test_textspan_reconstruction_is_exact_with_a_full_basis():
+    rng = np.random.default_rng(1)
+    C = rng.normal(size=(2, 30, 6))
+    basis = np.stack([np.linalg.qr(rng.normal(size=(6, 6)))[0].T] * 2)
+    np.testing.assert_allclose(textspan_reconstruction(C, basis), C, atol=1e-12)
+    np.testing.assert_allclose(textspan_reconstruction(C, basis[:, :0]), np.broadcast_to(C.mean(1, keepdims=True), C.shape))
+
+
+def test_precision_chance_and_specialisation_known_answers():
+    values = np.array([0, 1] * 20)
+    C = np.stack([values * 10.0, np.zeros(40)], 1) + np.random.default_rng(0).normal(scale=0.01, size=(40, 2))
+    assert precision_at_k(C, values) == 1.0
+    assert chance_level(values) == pytest.approx(19 / 39)
+    assert specialisation({"color": 0.9, "shape": 0.1}) == "color"
+    assert specialisation({"color": 0.5, "shape": 0.4}) is None       # not clearly one attribute
+    assert specialisation({"color": 0.2, "shape": 0.0}) is None       # too weak
+
+
+def test_labels_and_property_vectors(shapes_run):
+    run, m = shapes_run
+    props = pq.read_table(run / "properties.parquet").to_pylist()
+    assert len(props) == len(m["head_layers"]) * m["heads"]
+    texts = pq.read_table(run / "texts.parquet").to_pylist()
+    spans = pq.read_table(run / "textspan.parquet").to_pylist()
+    for p in props:   # the label is the majority tag of the head's texts
+        ids = [r["text_id"] for r in sorted(spans, key=lambda r: r["rank"]) if (r["layer"], r["head"]) == (p["layer"], p["head"])]
+        assert (p["property"], pytest.approx(p["confidence"])) == majority([texts[i]["tags"] for i in ids])
+    store = RunStore(run)
+    prop = next(p["property"] for p in props if p["property"] != UNLABELLED)
+    heads = [(p["layer"], p["head"]) for p in props if p["property"] == prop]
+    ids, vec = read_head(store, *heads[0])
+    expected = np.mean([read_head(store, l, h)[1] for l, h in heads], 0)
+    got = duckdb.connect().execute("SELECT image_id, vector FROM read_parquet(?) ORDER BY image_id",
+                                   [str(store.property_dir(prop) / "*.parquet")]).fetchall()
+    assert [g[0] for g in got] == ids.tolist()
+    np.testing.assert_allclose(np.array([g[1] for g in got]), expected, atol=1e-6)
+
+
+def test_metrics_and_leaderboard(shapes_run, capsys):
+    run, _ = shapes_run
+    table = run_metrics(str(run), progress=False).to_pylist()
+    model = {r["metric"]: r["value"] for r in table if r["scope"] == "model"}
+    for k in ("association", "entanglement", "variance_explained", "textspan_reconstruction_cosine", "zero_shot_accuracy"):
+        assert k in model and np.isfinite(model[k])
+    layers = {(r["metric"], r["layer"]) for r in table if r["scope"] == "layer"}
+    assert ("ablation_cosine_attn", 0) in layers and ("ablation_cosine_mlp", 5) in layers
+    metrics, rows = leaderboard(run.parent)
+    assert rows[0]["run"] == run.name and "association" in metrics
+    assert main(["leaderboard", str(run.parent)]) == 0
+    assert "association" in capsys.readouterr().out
+
+
+def test_leaderboard_of_empty_store(tmp_path, capsys):
+    assert main(["leaderboard", str(tmp_path)]) == 2
+    assert "no runs with metrics" in capsys.readouterr().err
+
+
+class _FakeChat(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _FakeChat.seen.append((self.headers.get("Authorization"), body))
+        answer = "shape" if any("circle" in m["content"] for m in body["messages"][-1:]) else "color"
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_llm_labelling_against_a_local_server(shapes_run, monkeypatch):
+    run, m = shapes_run
+    server = HTTPServer(("127.0.0.1", 0), _FakeChat)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("CLIP_ATLAS_LLM_URL", f"http://127.0.0.1:{server.server_port}/v1")
+        monkeypatch.setenv("CLIP_ATLAS_LLM_MODEL", "test-model")
+        monkeypatch.setenv("CLIP_ATLAS_LLM_KEY", "sk-secret")
+        labels = run_label(str(run), "llm")
+    finally:
+        server.shutdown()
+        run_label(str(run), "tags")   # leave the shared run as the other tests expect it
+    assert len(labels) == len(m["head_layers"]) * m["heads"]
+    assert {x.property for x in labels} <= {"shape", "color"} and all(x.method == "llm" for x in labels)
+    auth, body = _FakeChat.seen[-1]
+    assert auth == "Bearer sk-secret" and body["model"] == "test-model"
+
+
+def test_llm_method_is_off_unless_configured(shapes_run, monkeypatch):
+    monkeypatch.delenv("CLIP_ATLAS_LLM_URL", raising=False)
+    with pytest.raises(AtlasError, match="CLIP_ATLAS_LLM_URL"):
+        run_label(str(shapes_run[0]), "llm")
