@@ -36,9 +36,9 @@ def select(maps: TokenMaps, heads: list[tuple[int, int]] | None) -> torch.Tensor
     return sum(maps.tokens[idx[l], h] for l, h in heads)
 
 
-def heatmap(maps: TokenMaps, text: torch.Tensor, heads: list[tuple[int, int]] | None = None) -> np.ndarray:
+def heatmap(maps: TokenMaps, text: torch.Tensor | np.ndarray, heads: list[tuple[int, int]] | None = None) -> np.ndarray:
     """Per patch, the selected contributions dotted with a text embedding: [gh, gw] float."""
-    t = text.to(maps.tokens.dtype).to(maps.tokens.device).reshape(-1)
+    t = torch.as_tensor(text, dtype=maps.tokens.dtype, device=maps.tokens.device).reshape(-1)
     scores = select(maps, heads)[1:] @ t       # drop the class token: it has no place in the image
     n = maps.grid[0] * maps.grid[1]
     if scores.shape[0] != n:

@@ -1,0 +1,150 @@
+"""Every page through AppTest on a small Shapes store: what is shown, uploads, query params, bad input."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
+PAGES = ["pages/leaderboard.py", "pages/atlas.py", "pages/property_search.py", "pages/topic_segmentation.py",
+         "pages/contrastive.py", "pages/image_neighbours.py", "pages/text_neighbours.py"]
+
+
+@pytest.fixture(scope="module")
+def store(shapes_run, tmp_path_factory):
+    from compute.metrics import run_metrics
+    run, _ = shapes_run
+    if not (run / "metrics.parquet").is_file():
+        run_metrics(str(run), progress=False)
+    root = tmp_path_factory.mktemp("dash")
+    shutil.copytree(run, root / run.name)
+    # a run that is still computing, and a folder with a malformed manifest: both shown as skipped
+    partial = root / "zz-partial"
+    shutil.copytree(run, partial)
+    m = json.loads((partial / "manifest.json").read_text())
+    (partial / "manifest.json").write_text(json.dumps({**m, "status": "partial"}))
+    (root / "zz-broken").mkdir()
+    (root / "zz-broken" / "manifest.json").write_text("{not json")
+    return root
+
+
+def app(store: Path, page: str | None = None, **params) -> AppTest:
+    import os
+    os.environ["CLIP_ATLAS_STORE"] = str(store)
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update({k: str(v) for k, v in params.items()})
+    at.run()
+    if page:
+        at.switch_page(page)
+        at.run()
+    return at
+
+
+def png_bytes(size=(64, 64), colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_exception(store, page):
+    at = app(store, page)
+    assert not at.exception, at.exception
+    assert at.title[0].value
+    warnings = " ".join(w.value for w in at.warning)
+    if page != "pages/leaderboard.py":
+        assert "zz-partial" in warnings and "zz-broken" in warnings
+
+
+def test_leaderboard_shows_runs_and_metrics(store):
+    at = app(store)
+    assert at.title[0].value == "Leaderboard"
+    runs = at.dataframe[0].value
+    assert "shapes-random" in set(runs["run"]) and "zz-partial" in set(runs["run"])
+    metrics = at.dataframe[1].value
+    assert "association" in metrics.columns and "entanglement" in metrics.columns
+
+
+def test_atlas_head_from_query_params(store):
+    at = app(store, "pages/atlas.py", layer=5, head=3)
+    assert at.selectbox(key="layer").value == 5 and at.selectbox(key="head").value == 3
+    assert any("Property" in m.value for m in at.markdown)
+    assert any("score highest" in h.value for h in at.subheader)
+
+
+def test_image_neighbours_gallery_and_upload(store):
+    at = app(store, "pages/image_neighbours.py")
+    assert any("Top 8" in h.value for h in at.subheader)
+    assert at.query_params["image"]
+    at.radio(key="img_src").set_value("Upload").run()
+    at.file_uploader[0].set_value(("red.png", png_bytes(), "image/png")).run()
+    assert not at.exception and any("Top 8" in h.value for h in at.subheader)
+
+
+@pytest.mark.parametrize("payload,message", [
+    (b"this is not an image", "not a usable image"),
+    (png_bytes()[:60], "not a usable image"),
+])
+def test_bad_uploads_show_a_message(store, payload, message):
+    at = app(store, "pages/image_neighbours.py", src="upload")
+    at.file_uploader[0].set_value(("bad.png", payload, "image/png")).run()
+    assert not at.exception
+    assert any(message in e.value for e in at.error)
+
+
+def test_upload_over_the_pixel_limit_is_refused(store, monkeypatch):
+    from dashboard import live
+    monkeypatch.setattr(live, "MAX_UPLOAD_PIXELS", 1000)
+    at = app(store, "pages/image_neighbours.py", src="upload")
+    at.file_uploader[0].set_value(("big.png", png_bytes((100, 100)), "image/png")).run()
+    assert any("too large" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "enter a text"),
+    ("x" * 10_000, "characters long"),
+])
+def test_odd_text_shows_a_message(store, text, message):
+    at = app(store, "pages/text_neighbours.py")
+    at.text_input(key="query_text").set_value(text).run()
+    assert not at.exception
+    assert any(message in e.value for e in at.error)
+
+
+def test_sql_like_text_is_just_text(store):
+    at = app(store, "pages/text_neighbours.py")
+    at.text_input(key="query_text").set_value("'); DROP TABLE images; --").run()
+    assert not at.exception and not at.error
+    assert any("Top" in h.value for h in at.subheader)
+
+
+def test_text_neighbours_suggestion_fills_the_box(store):
+    at = app(store, "pages/text_neighbours.py", layer=4, head=1)
+    suggestion = at.button[1].label
+    at.button[1].click().run()
+    assert at.text_input(key="query_text").value == suggestion
+    assert at.query_params["text"] == suggestion
+
+
+def test_topic_and_contrastive_segmentation(store):
+    at = app(store, "pages/topic_segmentation.py", text="a blue square", heads="5,2")
+    assert not at.exception and at.selectbox(key="map_heads").value == "L5 H2"
+    assert len(at.get("image")) >= 3          # image, overlay, colour bar
+    at = app(store, "pages/contrastive.py", a="a circle", b="a square")
+    assert not at.exception and len(at.get("image")) >= 5
+
+
+def test_property_search(store):
+    at = app(store, "pages/property_search.py", k=3)
+    assert not at.exception
+    assert any("Nearest by" in h.value for h in at.subheader)
+
+
+def test_missing_store_is_explained(tmp_path):
+    at = app(tmp_path / "nowhere", "pages/atlas.py")
+    assert not at.exception and any("No complete run" in i.value for i in at.info)
