@@ -1,0 +1,81 @@
+"""End to end: a real `streamlit run dashboard/app.py` in headless Chromium; every page, no exception, screenshots."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "screenshots"
+# url path -> (title, images the page must show once its script has run)
+PAGES = {"": ("Leaderboard", 0), "atlas": ("Head atlas", 1), "property_search": ("Property search", 2),
+         "topic_segmentation": ("Topic segmentation", 3), "contrastive": ("Contrastive segmentation", 5),
+         "image_neighbours": ("Image neighbours", 2), "text_neighbours": ("Text neighbours", 1)}
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(shapes_run):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (make browser)")
+    pytest.importorskip("playwright")
+    from compute.metrics import run_metrics
+    run, _ = shapes_run
+    if not (run / "metrics.parquet").is_file():
+        run_metrics(str(run), progress=False)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--", "--store", str(run.parent)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start: " + proc.stdout.read().decode()[-2000:])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_every_page_in_chromium(server):
+    from playwright.sync_api import sync_playwright
+    SHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        for path, (title, images) in PAGES.items():
+            page.goto(f"{server}/{path}", wait_until="domcontentloaded")
+            page.get_by_role("heading", name=title).first.wait_for(timeout=60_000)
+            if images:  # live work (model load, token maps) finishes when the images are there
+                page.locator('[data-testid="stImage"]').nth(images - 1).wait_for(timeout=90_000)
+            time.sleep(1.0)
+            page.screenshot(path=str(SHOTS / f"{path or 'leaderboard'}.png"), full_page=True)
+            assert page.locator('[data-testid="stException"]').count() == 0, f"exception on /{path}"
+            if path in ("", "atlas"):
+                # Altair charts only render in a browser
+                assert page.locator('[data-testid="stVegaLiteChart"]').count() >= 1, f"no chart on /{path}"
+        browser.close()
