@@ -79,6 +79,20 @@ def _demo(a: argparse.Namespace) -> None:
     run_demo(store=a.store, n=a.n, serve=not a.no_serve, port=a.port)
 
 
+def _shapes_card(a: argparse.Namespace) -> None:
+    from .models import SHAPES_WEIGHTS
+    from .shapes.card import write_card
+    from .store import RunStore
+    record = SHAPES_WEIGHTS.with_suffix(".json")
+    if not record.is_file():
+        raise AtlasError(f"no training record at {record}; run `clip-atlas shapes train`")
+    if a.eval:
+        rec = json.loads(record.read_text())
+        rec["ground_truth"] = RunStore(a.eval).manifest().get("shapes_eval") or {}
+        record.write_text(json.dumps(rec, indent=2))
+    print(f"wrote {write_card(SHAPES_WEIGHTS)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clip-atlas", description="Decompose and interpret CLIP image embeddings.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -145,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = s.add_parser("eval", help="ground-truth evaluation of a run computed on a Shapes dataset")
     e.add_argument("run")
     e.set_defaults(func=_shapes_eval)
+    cd = s.add_parser("card", help="rewrite the model card (optionally with a run's ground-truth figures)")
+    cd.add_argument("--eval", default=None, help="a run evaluated by `shapes eval`")
+    cd.set_defaults(func=_shapes_card)
     return p
 
 

@@ -63,6 +63,15 @@ def pick_run(need: tuple[str, ...] = ()) -> tuple[Store, RunInfo] | None:
     return s, good[names.index(name)]
 
 
+def start_page(title: str, need: tuple[str, ...] = ()) -> tuple[Store, RunInfo]:
+    """The title and run picker every analysis page starts with; stops the page when no run fits."""
+    st.title(title)
+    picked = pick_run(need)
+    if picked is None:
+        st.stop()
+    return picked
+
+
 def pick_head(run: RunInfo, default_layer: int | None = None) -> tuple[int, int]:
     layers = run.manifest["head_layers"]
     layer = param("layer", default_layer if default_layer is not None else layers[-1], int)

@@ -132,6 +132,15 @@ def evaluate_segmentation(store: RunStore, n_images: int = 120, seed: int = 0, p
                      "text": out["text"], "iou": out["iou"]})
 
 
+def label_agreement(truth_rows: list[dict], store: RunStore) -> dict[str, float]:
+    """Share of the clearly specialised heads whose property label names the attribute they specialise in."""
+    import pyarrow.parquet as pq
+    labels = {(r["layer"], r["head"]): r["property"] for r in pq.read_table(store.table_path("properties")).to_pylist()}
+    special = [(r["layer"], r["head"], r["attribute"]) for r in truth_rows if r["specialised"]]
+    hits = [labels.get((l, h)) == a for l, h, a in special]
+    return {"label_agreement": float(np.mean(hits)) if hits else float("nan"), "label_agreement_heads": float(len(hits))}
+
+
 @torch.no_grad()
 def evaluate_run(run: str, progress: bool = True) -> dict:
     """Writes shapes_heads, shapes_models and shapes_segmentation tables; returns the per-model summary."""
@@ -150,6 +159,8 @@ def evaluate_run(run: str, progress: bool = True) -> dict:
     summary["specialised_heads"] = sum(r["specialised"] for r in rows)
     summary["specialised_share_last2"] = sum(r["specialised"] for r in rows if r["layer"] in last2) / max(1, n_last2)
     summary["segmentation_miou"] = float(np.mean(seg.column("iou").to_numpy())) if seg.num_rows else float("nan")
+    if store.table_path("properties").is_file():
+        summary.update(label_agreement(rows, store))
     store.write_derived("shapes_models", pa.table({"metric": list(summary), "value": [float(v) for v in summary.values()]}))
     store.update_manifest(shapes_eval=summary)
     return summary

@@ -164,5 +164,7 @@ def train(cfg: TrainConfig, out: Path, log=print) -> dict:
             "heldout": final, "targets": CAPTION_TARGETS, "history": history,
             "parameters": sum(p.numel() for p in model.parameters())}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
+    from .card import write_card
+    write_card(out)
     log(json.dumps({"final": final, "wall_minutes": wall / 60}))
     return card

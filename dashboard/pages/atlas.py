@@ -2,13 +2,9 @@
 import streamlit as st
 
 from dashboard import charts
-from dashboard.common import image_grid, pick_head, pick_run, show_errors
+from dashboard.common import start_page, image_grid, pick_head, show_errors
 
-st.title("Head atlas")
-picked = pick_run()
-if picked is None:
-    st.stop()
-s, run = picked
+s, run = start_page("Head atlas")
 with show_errors():
     props = s.properties(run)
     truth = s.ground_truth(run)

@@ -4,13 +4,9 @@ import streamlit as st
 from compute.segment import contrastive, symmetric_range
 
 from dashboard import live
-from dashboard.common import param, pick_image, pick_map_heads, pick_run, set_params, show_errors, show_heatmap, show_image
+from dashboard.common import start_page, param, pick_image, pick_map_heads, set_params, show_errors, show_heatmap, show_image
 
-st.title("Contrastive segmentation")
-picked = pick_run()
-if picked is None:
-    st.stop()
-s, run = picked
+s, run = start_page("Contrastive segmentation")
 with show_errors():
     spec = run.manifest["model"]
     heads = pick_map_heads(run)

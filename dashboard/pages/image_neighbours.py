@@ -2,13 +2,9 @@
 import streamlit as st
 
 from dashboard import live
-from dashboard.common import image_grid, pick_head, pick_image, pick_run, show_errors, show_image
+from dashboard.common import start_page, image_grid, pick_head, pick_image, show_errors, show_image
 
-st.title("Image neighbours")
-picked = pick_run()
-if picked is None:
-    st.stop()
-s, run = picked
+s, run = start_page("Image neighbours")
 with show_errors():
     layer, head = pick_head(run)
     img = pick_image(s, run)

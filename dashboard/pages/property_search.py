@@ -3,13 +3,9 @@ import numpy as np
 import streamlit as st
 
 from dashboard import live
-from dashboard.common import image_grid, param, pick_image, pick_run, set_params, show_errors, show_image
+from dashboard.common import start_page, image_grid, param, pick_image, set_params, show_errors, show_image
 
-st.title("Property search")
-picked = pick_run(need=("properties",))
-if picked is None:
-    st.stop()
-s, run = picked
+s, run = start_page("Property search", need=("properties",))
 with show_errors():
     names = s.property_names(run)
     if not names:

@@ -2,13 +2,9 @@
 import streamlit as st
 
 from dashboard import live
-from dashboard.common import image_grid, param, pick_head, pick_run, set_params, show_errors
+from dashboard.common import start_page, image_grid, param, pick_head, set_params, show_errors
 
-st.title("Text neighbours")
-picked = pick_run()
-if picked is None:
-    st.stop()
-s, run = picked
+s, run = start_page("Text neighbours")
 with show_errors():
     layer, head = pick_head(run)
     suggestions = s.head_texts(run, layer, head)
