@@ -148,3 +148,13 @@ def test_property_search(store):
 def test_missing_store_is_explained(tmp_path):
     at = app(tmp_path / "nowhere", "pages/atlas.py")
     assert not at.exception and any("No complete run" in i.value for i in at.info)
+
+
+def test_sessions_keep_their_own_state(store):
+    a = app(store, "pages/atlas.py", layer=4, head=2)
+    b = app(store, "pages/atlas.py", layer=5, head=7)
+    a.selectbox(key="head").set_value(6).run()
+    b.run()
+    assert (a.selectbox(key="layer").value, a.selectbox(key="head").value) == (4, 6)
+    assert (b.selectbox(key="layer").value, b.selectbox(key="head").value) == (5, 7)
+    assert a.query_params["head"] == "6" and b.query_params["head"] == "7"
