@@ -101,9 +101,11 @@ def decoded_batches(refs: list[ImageRef], root: Path, preprocess, batch_size: in
         pixels = torch.stack([t for _, t in ok]) if ok else None
         return [r for r, _ in ok], pixels, skipped
 
+    batches = [refs[i:i + batch_size] for i in range(0, len(refs), batch_size)]
+    if not batches:
+        return
     with ThreadPoolExecutor(max(1, workers)) as pool, ThreadPoolExecutor(1) as ahead:
-        batches = [refs[i:i + batch_size] for i in range(0, len(refs), batch_size)]
-        pending = ahead.submit(work, batches[0]) if batches else None
+        pending = ahead.submit(work, batches[0])
         for nxt in batches[1:] + [None]:
             result = pending.result()
             pending = ahead.submit(work, nxt) if nxt is not None else None
@@ -122,6 +124,10 @@ def versions() -> dict[str, str]:
 
 def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress: bool = True) -> dict:
     """Compute (or resume) a run; returns its final manifest."""
+    for name in ("batch_size", "limit", "chunk_size", "workers"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise AtlasError(f"--{name.replace('_', '-')} must be at least 1")
     root = Path(cfg.images)
     refs = find_images(root, cfg.labels, cfg.limit)
     device = pick_device(cfg.device)

@@ -96,6 +96,8 @@ def test_huge_image_is_refused_before_decoding(tmp_path):
     (["--model", "ViT-B-32:not-a-tag", "--images", "{data}"], "unknown pretrained tag"),
     (["--model", "ViT-B-32:/no/such/file.pt", "--images", "{data}"], "checkpoint file not found"),
     (["--model", MODEL, "--images", "{data}", "--layers", "99"], "out of range"),
+    (["--model", MODEL, "--images", "{data}", "--batch-size", "0"], "at least 1"),
+    (["--model", "", "--images", "{data}"], "empty model name"),
 ])
 def test_bad_input_is_one_line(shapes_dir, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
@@ -125,6 +127,16 @@ def test_rerun_resumes_after_kill_9(shapes_dir, tmp_path):
     ids = fetch("SELECT image_id FROM read_parquet(?)", [str(run / "images" / "*.parquet")])
     assert len(ids) == 48 and len(set(ids)) == 48
     assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_rerunning_a_complete_run_changes_nothing(shapes_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = ComputeConfig(MODEL, str(shapes_dir), str(run), limit=6)
+    run_compute(cfg, progress=False)
+    files = sorted(p.name for p in run.rglob("*.parquet"))
+    m = run_compute(cfg, progress=False)
+    assert m["status"] == "complete" and m["image_count"] == 6
+    assert sorted(p.name for p in run.rglob("*.parquet")) == files
 
 
 def test_other_settings_on_same_run_are_refused(shapes_dir, tmp_path, capsys):
