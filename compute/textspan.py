@@ -31,8 +31,10 @@ class TextSpanResult:
 
 def top_right_singular(C: torch.Tensor, rank: int) -> torch.Tensor:
     """[H, N, D] -> [H, r, D]: top-r right singular vectors, from the D x D Gram matrix (N >> D)."""
-    gram = C.transpose(-1, -2) @ C
-    evals, evecs = torch.linalg.eigh(gram)                     # ascending
+    # in float64: squaring C squares its condition number, and float32 would blur the trailing
+    # singular directions (often a near-degenerate noise floor) enough to flip near-tied picks
+    Cd = C.to(torch.float64)
+    evals, evecs = torch.linalg.eigh(Cd.transpose(-1, -2) @ Cd)   # ascending
     r = min(rank, C.shape[-1], C.shape[-2])
     return evecs[..., -r:].flip(-1).transpose(-1, -2)
 
@@ -45,13 +47,15 @@ def textspan(C: torch.Tensor, T: torch.Tensor, m: int = 20, rank: int = 80,
         C = C[None]
     C, T = C.to(dtype), T.to(device=C.device, dtype=dtype)
     H, N, D = C.shape
-    V = top_right_singular(C, rank)                            # [H, r, D]
+    # the N-sized products run in `dtype`; everything after them is r-dimensional and runs in float64,
+    # so near-tied picks do not flip with float32 rounding
+    V = top_right_singular(C, rank)                            # [H, r, D], float64
     # past r picks the span is used up and further picks would be numerical noise
     m = min(m, T.shape[0], V.shape[1])
-    t = T[None] @ V.transpose(-1, -2)                          # [H, K, r]  texts in span coordinates
+    t = T.to(torch.float64)[None] @ V.transpose(-1, -2)        # [H, K, r]  texts in span coordinates
     C0 = C - C.mean(1, keepdim=True)
-    total = (C0 * C0).sum((1, 2)) / (N - 1)                    # trace of the covariance
-    c = C0 @ V.transpose(-1, -2)                               # [H, N, r]
+    total = (C0 * C0).sum((1, 2)).to(torch.float64) / (N - 1)  # trace of the covariance
+    c = (C0 @ V.to(dtype).transpose(-1, -2)).to(torch.float64)  # [H, N, r]
     cov = c.transpose(-1, -2) @ c / (N - 1)                    # [H, r, r]
     picks, explained, dirs = [], [], []
     h_idx = torch.arange(H, device=C.device)
@@ -59,7 +63,7 @@ def textspan(C: torch.Tensor, T: torch.Tensor, m: int = 20, rank: int = 80,
         var = ((t @ cov) * t).sum(-1)                          # [H, K] variance of each text's projection
         j = var.argmax(-1)                                     # [H]
         u = t[h_idx, j]
-        u = u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)   # [H, r]
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-300)    # [H, r]
         explained.append(torch.einsum("hr,hrs,hs->h", u, cov, u) / total)
         picks.append(j)
         dirs.append(torch.einsum("hr,hrd->hd", u, V))
@@ -68,7 +72,8 @@ def textspan(C: torch.Tensor, T: torch.Tensor, m: int = 20, rank: int = 80,
         ucu = (u * cu).sum(-1, keepdim=True)
         cov = cov - u[:, :, None] * cu[:, None, :] - cu[:, :, None] * u[:, None, :] + ucu[:, :, None] * u[:, :, None] * u[:, None, :]
         t = t - (t @ u[:, :, None]) * u[:, None, :]
-    return TextSpanResult(torch.stack(picks, 1), torch.stack(explained, 1), torch.stack(dirs, 1), total)
+    return TextSpanResult(torch.stack(picks, 1), torch.stack(explained, 1).to(dtype), torch.stack(dirs, 1).to(dtype),
+                          total.to(dtype))
 
 
 def reference_textspan(C, T, m: int, rank: int):
