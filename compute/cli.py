@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--images", required=True, help="folder of images (subfolder or labels.csv gives the label)")
     c.add_argument("--out", required=True, help="run folder, e.g. artifacts/my-run")
     c.add_argument("--layers", default="last4", help="head layers to store: lastK | all | L1,L2 (default last4)")
-    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--device", default="auto")
     c.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by path)")
     c.add_argument("--labels", default=None, help="CSV with path,label (default: IMAGES/labels.csv if present)")

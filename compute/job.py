@@ -21,7 +21,7 @@ from .models import LoadedModel, load_model
 from .store import Chunk, RunStore
 
 #: Memory for one chunk's rows; the chunk is also the unit a resumed run may redo.
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ComputeConfig:
     images: str
     out: str
     layers: str = "last4"
-    batch_size: int = 64
+    batch_size: int = 32
     device: str = "auto"
     limit: int | None = None
     labels: str | None = None
@@ -112,6 +112,15 @@ def decoded_batches(refs: list[ImageRef], root: Path, preprocess, batch_size: in
             yield result
 
 
+def drop_text_tower(model: torch.nn.Module) -> None:
+    """Free the text tower's weights (a third of a ViT-B CLIP's memory) in a model used for images only."""
+    import gc
+    for name in ("transformer", "token_embedding", "ln_final", "text"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            setattr(model, name, None)
+    gc.collect()
+
+
 def versions() -> dict[str, str]:
     out = {}
     for pkg in ("clip-atlas", "torch", "open_clip_torch", "pyarrow", "numpy", "pillow"):
@@ -133,7 +142,9 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
     device = pick_device(cfg.device)
     if cfg.precision != "fp32" and device.type != "cuda":
         raise AtlasError("bf16/fp16 autocast needs a GPU; use --precision fp32 on CPU")
-    loaded = loaded or load_model(cfg.model, device)
+    if loaded is None:
+        loaded = load_model(cfg.model, device)
+        drop_text_tower(loaded.model)   # compute only needs the vision tower
     info = loaded.info
     head_layers = resolve_layers(cfg.layers, info.layers)
     dist = Distributed(device)
