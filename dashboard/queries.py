@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,12 @@ from compute.errors import AtlasError
 from compute.store import MANIFEST, RunStore, list_runs
 
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "artifacts"
+#: Memory for vector matrices kept between queries (a 50,000 x 512 head is 100 MB).
+MATRIX_CACHE_BYTES = 1 << 30
+_VECTOR_QUERIES = {
+    "contribution": "SELECT image_id, contribution AS v FROM read_parquet(?)",
+    "vector": "SELECT image_id, vector AS v FROM read_parquet(?)",
+}
 
 
 def store_root() -> Path:
@@ -55,6 +62,8 @@ class Store:
         self._con.execute("SET allowed_directories = ?", [[str(self.root)]])
         self._con.execute("SET enable_external_access = false")
         self._con.execute("SET lock_configuration = true")
+        self._matrices: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._matrix_lock = threading.Lock()
 
     # ---- connection
     def _cur(self) -> duckdb.DuckDBPyConnection:
@@ -128,23 +137,56 @@ class Store:
                         [str(RunStore(run.path).property_dir(prop) / "*.parquet"), image_id])
         return np.asarray(rows[0][0], np.float32) if rows else None
 
-    # ---- nearest neighbours (brute force, one head's or one property's files only)
+    # ---- nearest neighbours: brute force over one head's (or property's) files only
+    def _matrix(self, pattern: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """(image_ids, vectors [N, D]) of the Parquet files matching `pattern`, read through DuckDB once and
+        kept in memory (LRU, MATRIX_CACHE_BYTES) until the files change."""
+        files = sorted(Path(pattern).parent.glob(Path(pattern).name))
+        if not files:
+            raise AtlasError(f"no stored vectors at {Path(pattern).parent}")
+        key = (pattern, column, tuple((f.name, f.stat().st_mtime_ns) for f in files))
+        with self._matrix_lock:
+            if key in self._matrices:
+                self._matrices.move_to_end(key)
+                return self._matrices[key]
+        table = self._cur().sql(_VECTOR_QUERIES[column], params=[pattern]).to_arrow_table()
+        from compute.heads import vector_column
+        entry = (table.column("image_id").to_numpy(), np.ascontiguousarray(vector_column(table, "v")))
+        with self._matrix_lock:
+            self._matrices[key] = entry
+            while sum(e[1].nbytes for e in self._matrices.values()) > MATRIX_CACHE_BYTES and len(self._matrices) > 1:
+                self._matrices.popitem(last=False)
+        return entry
+
+    @staticmethod
+    def _top_k(ids: np.ndarray, M: np.ndarray, query: np.ndarray, k: int, exclude: int | None) -> list[tuple[int, float]]:
+        scores = M @ np.asarray(query, np.float32).reshape(-1)
+        if exclude is not None:
+            scores = np.where(ids == exclude, -np.inf, scores)
+        k = max(0, min(k, int(np.isfinite(scores).sum())))
+        if k == 0:
+            return []
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [(int(ids[i]), float(scores[i])) for i in top]
+
     def head_top_k(self, run: RunInfo, layer: int, head: int, query: np.ndarray, k: int = 8,
                    exclude: int | None = None) -> list[tuple[int, float]]:
-        return self.sql("""
-            SELECT image_id, list_dot_product(contribution, ?::FLOAT[]) AS score
-            FROM read_parquet(?) WHERE image_id IS DISTINCT FROM ?
-            ORDER BY score DESC LIMIT ?""",
-            [np.asarray(query, np.float32).tolist(),
-             self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"), exclude, k])
+        ids, M = self._matrix(self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"), "contribution")
+        return self._top_k(ids, M, query, k, exclude)
 
     def property_top_k(self, run: RunInfo, prop: str, query: np.ndarray, k: int = 4,
                        exclude: int | None = None) -> list[tuple[int, float]]:
+        ids, M = self._matrix(str(RunStore(run.path).property_dir(prop) / "*.parquet"), "vector")
+        return self._top_k(ids, M, query, k, exclude)
+
+    def head_top_k_sql(self, run: RunInfo, layer: int, head: int, query: np.ndarray, k: int = 8) -> list[tuple[int, float]]:
+        """The same query answered by DuckDB from the Parquet files each time (the cold path; for benchmarks)."""
         return self.sql("""
-            SELECT image_id, list_dot_product(vector, ?::FLOAT[]) AS score
-            FROM read_parquet(?) WHERE image_id IS DISTINCT FROM ?
-            ORDER BY score DESC LIMIT ?""",
-            [np.asarray(query, np.float32).tolist(), str(RunStore(run.path).property_dir(prop) / "*.parquet"), exclude, k])
+            SELECT image_id, list_dot_product(contribution, ?::FLOAT[]) AS score
+            FROM read_parquet(?) ORDER BY score DESC LIMIT ?""",
+            [np.asarray(query, np.float32).tolist(),
+             self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"), k])
 
     # ---- TextSpan, properties, metrics
     def head_texts(self, run: RunInfo, layer: int, head: int) -> list[tuple[int, str, float, float]]:
