@@ -16,7 +16,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "screenshots"
 # url path -> (title, images the page must show once its script has run)
-PAGES = {"": ("Leaderboard", 0), "atlas": ("Head atlas", 1), "property_search": ("Property search", 2),
+# the first visit goes to a page URL, not to "/": st.navigation must be in charge from the first request
+PAGES = {"atlas": ("Head atlas", 1), "": ("Leaderboard", 0), "property_search": ("Property search", 2),
          "topic_segmentation": ("Topic segmentation", 3), "contrastive": ("Contrastive segmentation", 5),
          "image_neighbours": ("Image neighbours", 2), "text_neighbours": ("Text neighbours", 1)}
 
@@ -77,6 +78,8 @@ def test_every_page_in_chromium(server):
                 page.locator("canvas.marks, svg.marks").first.wait_for(timeout=60_000)
             time.sleep(1.5)
             page.screenshot(path=str(SHOTS / f"{path or 'leaderboard'}.png"), full_page=True)
+            nav = page.locator('[data-testid="stSidebarNav"]')
+            assert nav.get_by_text("Contrastive segmentation").count() == 1, f"navigation is not st.navigation's on /{path}"
             assert page.locator('[data-testid="stException"]').count() == 0, f"exception on /{path}"
             if path == "":
                 assert page.locator("canvas.marks, svg.marks").count() >= 3, "the leaderboard should draw 3 charts"

@@ -11,8 +11,8 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
-PAGES = ["pages/leaderboard.py", "pages/atlas.py", "pages/property_search.py", "pages/topic_segmentation.py",
-         "pages/contrastive.py", "pages/image_neighbours.py", "pages/text_neighbours.py"]
+PAGES = ["views/leaderboard.py", "views/atlas.py", "views/property_search.py", "views/topic_segmentation.py",
+         "views/contrastive.py", "views/image_neighbours.py", "views/text_neighbours.py"]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_every_page_renders_without_exception(store, page):
     assert not at.exception, at.exception
     assert at.title[0].value
     warnings = " ".join(w.value for w in at.warning)
-    if page != "pages/leaderboard.py":
+    if page != "views/leaderboard.py":
         assert "zz-partial" in warnings and "zz-broken" in warnings
 
 
@@ -71,14 +71,14 @@ def test_leaderboard_shows_runs_and_metrics(store):
 
 
 def test_atlas_head_from_query_params(store):
-    at = app(store, "pages/atlas.py", layer=5, head=3)
+    at = app(store, "views/atlas.py", layer=5, head=3)
     assert at.selectbox(key="layer").value == 5 and at.selectbox(key="head").value == 3
     assert any("Property" in m.value for m in at.markdown)
     assert any("score highest" in h.value for h in at.subheader)
 
 
 def test_image_neighbours_gallery_and_upload(store):
-    at = app(store, "pages/image_neighbours.py")
+    at = app(store, "views/image_neighbours.py")
     assert any("Top 8" in h.value for h in at.subheader)
     assert at.query_params["image"]
     at.radio(key="img_src").set_value("Upload").run()
@@ -91,7 +91,7 @@ def test_image_neighbours_gallery_and_upload(store):
     (png_bytes()[:60], "not a usable image"),
 ])
 def test_bad_uploads_show_a_message(store, payload, message):
-    at = app(store, "pages/image_neighbours.py", src="upload")
+    at = app(store, "views/image_neighbours.py", src="upload")
     at.file_uploader[0].set_value(("bad.png", payload, "image/png")).run()
     assert not at.exception
     assert any(message in e.value for e in at.error)
@@ -100,7 +100,7 @@ def test_bad_uploads_show_a_message(store, payload, message):
 def test_upload_over_the_pixel_limit_is_refused(store, monkeypatch):
     from dashboard import live
     monkeypatch.setattr(live, "MAX_UPLOAD_PIXELS", 1000)
-    at = app(store, "pages/image_neighbours.py", src="upload")
+    at = app(store, "views/image_neighbours.py", src="upload")
     at.file_uploader[0].set_value(("big.png", png_bytes((100, 100)), "image/png")).run()
     assert any("too large" in e.value for e in at.error)
 
@@ -110,21 +110,21 @@ def test_upload_over_the_pixel_limit_is_refused(store, monkeypatch):
     ("x" * 10_000, "characters long"),
 ])
 def test_odd_text_shows_a_message(store, text, message):
-    at = app(store, "pages/text_neighbours.py")
+    at = app(store, "views/text_neighbours.py")
     at.text_input(key="query_text").set_value(text).run()
     assert not at.exception
     assert any(message in e.value for e in at.error)
 
 
 def test_sql_like_text_is_just_text(store):
-    at = app(store, "pages/text_neighbours.py")
+    at = app(store, "views/text_neighbours.py")
     at.text_input(key="query_text").set_value("'); DROP TABLE images; --").run()
     assert not at.exception and not at.error
     assert any("Top" in h.value for h in at.subheader)
 
 
 def test_text_neighbours_suggestion_fills_the_box(store):
-    at = app(store, "pages/text_neighbours.py", layer=4, head=1)
+    at = app(store, "views/text_neighbours.py", layer=4, head=1)
     suggestion = at.button[1].label
     at.button[1].click().run()
     assert at.text_input(key="query_text").value == suggestion
@@ -132,27 +132,27 @@ def test_text_neighbours_suggestion_fills_the_box(store):
 
 
 def test_topic_and_contrastive_segmentation(store):
-    at = app(store, "pages/topic_segmentation.py", text="a blue square", heads="5,2")
+    at = app(store, "views/topic_segmentation.py", text="a blue square", heads="5,2")
     assert not at.exception and at.selectbox(key="map_heads").value == "L5 H2"
     assert len(at.get("image")) >= 3          # image, overlay, colour bar
-    at = app(store, "pages/contrastive.py", a="a circle", b="a square")
+    at = app(store, "views/contrastive.py", a="a circle", b="a square")
     assert not at.exception and len(at.get("image")) >= 5
 
 
 def test_property_search(store):
-    at = app(store, "pages/property_search.py", k=3)
+    at = app(store, "views/property_search.py", k=3)
     assert not at.exception
     assert any("Nearest by" in h.value for h in at.subheader)
 
 
 def test_missing_store_is_explained(tmp_path):
-    at = app(tmp_path / "nowhere", "pages/atlas.py")
+    at = app(tmp_path / "nowhere", "views/atlas.py")
     assert not at.exception and any("No complete run" in i.value for i in at.info)
 
 
 def test_sessions_keep_their_own_state(store):
-    a = app(store, "pages/atlas.py", layer=4, head=2)
-    b = app(store, "pages/atlas.py", layer=5, head=7)
+    a = app(store, "views/atlas.py", layer=4, head=2)
+    b = app(store, "views/atlas.py", layer=5, head=7)
     a.selectbox(key="head").set_value(6).run()
     b.run()
     assert (a.selectbox(key="layer").value, a.selectbox(key="head").value) == (4, 6)
