@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +49,7 @@ def textspan_reconstruction(C: np.ndarray, directions: np.ndarray) -> np.ndarray
     return mean + np.einsum("hnd,hmd,hme->hne", C0, directions, directions)
 
 
-def _rows(run: str, model: str) -> tuple[dict[str, list], callable]:
+def _rows(run: str, model: str) -> tuple[dict[str, list], Callable[..., None]]:
     rows: dict[str, list] = {k: [] for k in ("run", "model", "scope", "layer", "head", "metric", "value")}
 
     def add(scope: str, metric: str, value: float, layer: int | None = None, head: int | None = None) -> None:
@@ -60,7 +61,6 @@ def _rows(run: str, model: str) -> tuple[dict[str, list], callable]:
 def run_metrics(run: str, progress: bool = True) -> pa.Table:
     """`clip-atlas metrics`: RUN/metrics.parquet with model-, layer- and head-scope rows."""
     from .heads import read_components, read_heads, read_images, vector_column
-    from .properties import HeadLabel as HL
     store = RunStore(run)
     man = store.manifest()
     if man.get("status") != "complete":
@@ -102,7 +102,7 @@ def run_metrics(run: str, progress: bool = True) -> pa.Table:
         if zs:
             add("model", "textspan_reconstruction_zero_shot", zero_shot_accuracy(swapped, zs[0], zs[1]))
     if pr_path.is_file():
-        labels = [HL(**{k: r[k] for k in ("layer", "head", "property", "confidence", "method")})
+        labels = [HeadLabel(**{k: r[k] for k in ("layer", "head", "property", "confidence", "method")})
                   for r in pq.read_table(pr_path).to_pylist()]
         add("model", "association", association(labels))
         add("model", "entanglement", entanglement(labels))

@@ -186,12 +186,16 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
             constants.HF_HUB_OFFLINE = True
     try:
         # open_clip logs (not raises) several problems; keep its chatter out of the user's terminal
+        root_logger, level = logging.getLogger(), logging.getLogger().level
         with contextlib.redirect_stderr(io.StringIO()), torch.random.fork_rng(devices=[]):
-            logging.getLogger().setLevel(logging.ERROR)
-            torch.manual_seed(0)  # a random model is the same random model every time it is loaded
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=pretrained, device=device, precision=precision,
-                force_quick_gelu=force_quick, pretrained_text=False, pretrained_image=False)
+            root_logger.setLevel(logging.ERROR)
+            try:
+                torch.manual_seed(0)  # a random model is the same random model every time it is loaded
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    arch, pretrained=pretrained, device=device, precision=precision,
+                    force_quick_gelu=force_quick, pretrained_text=False, pretrained_image=False)
+            finally:
+                root_logger.setLevel(level)
     except (RuntimeError, OSError, ValueError) as e:
         if pretrained and not looks_like_path:
             raise AtlasError(

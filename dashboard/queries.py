@@ -5,7 +5,6 @@ Every function returns plain Python / numpy; pages never write SQL.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -244,6 +243,3 @@ def manifest_summary(run: RunInfo) -> dict:
             "images": m.get("image_count"), "status": m.get("status", "?") if run.ok else run.problem,
             "layers x heads": f"{m.get('layers')} x {m.get('heads')}" if m else None}
 
-
-def to_json(obj) -> str:
-    return json.dumps(obj, default=str)
