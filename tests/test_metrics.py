@@ -149,3 +149,14 @@ def test_llm_method_is_off_unless_configured(shapes_run, monkeypatch):
     monkeypatch.delenv("CLIP_ATLAS_LLM_URL", raising=False)
     with pytest.raises(AtlasError, match="CLIP_ATLAS_LLM_URL"):
         run_label(str(shapes_run[0]), "llm")
+
+
+def test_similarity_labels_for_an_untagged_pool(shapes_run, tmp_path):
+    """An untagged pool is labelled through the text encoder against a tagged reference pool."""
+    from compute.properties import label_by_similarity
+    from compute.store import RunStore
+    run, m = shapes_run
+    labels = label_by_similarity(RunStore(run), reference="shapes")
+    assert len(labels) == len(m["head_layers"]) * m["heads"]
+    assert {x.property for x in labels} <= {"color", "shape", "pattern", "size", "position", "background"}
+    assert all(0 < x.confidence <= 1 and x.method == "similarity" for x in labels)
