@@ -8,7 +8,6 @@ heads/layer=L/head=H/part-*.parquet, so a query reads one head's files only.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import median, p, timeit, verdict  # noqa: E402

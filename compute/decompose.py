@@ -139,7 +139,7 @@ class Decomposer:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> Decomposition:
-        v, fd = self.visual, self.fold_dtype
+        v = self.visual
         sl = self._pool_slice()
         x = v._embeds(images)
         terms = [x[:, sl]]                                          # residual terms at pooled tokens

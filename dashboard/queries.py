@@ -16,7 +16,7 @@ import duckdb
 import numpy as np
 
 from compute.errors import AtlasError
-from compute.store import MANIFEST, RunStore, list_runs
+from compute.store import MANIFEST, RunStore
 
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "artifacts"
 #: Memory for vector matrices kept between queries (a 50,000 x 512 head is 100 MB).

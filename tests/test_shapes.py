@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from compute.shapes.world import (ATTRIBUTES, COLORS, POSITIONS, Renderer, Tie, WorldSpec, caption, position_center)
+from compute.shapes.world import (ATTRIBUTES, COLORS, Renderer, Tie, WorldSpec, caption, position_center)
 
 
 def test_generator_is_deterministic(tmp_path):

@@ -53,7 +53,7 @@ def write_card(weights: Path) -> Path:
         f"| trained by | `clip-atlas shapes train` (seed {cfg['seed']}) |",
         f"| steps x batch | {cfg['steps']} x {cfg['batch_size']} (groups of {cfg['group_size']}) |",
         f"| wall time | {rec['wall_minutes']:.0f} min on 2 CPU cores (shared with other work) |",
-        f"| weights | `clip-atlas-shapes.safetensors`, fp16 |",
+        "| weights | `clip-atlas-shapes.safetensors`, fp16 |",
         "",
         "## Held-out accuracy (1,000 one-object scenes never seen in training)",
         "Caption accuracy: the true caption must beat every caption that differs from it in that attribute alone.",
