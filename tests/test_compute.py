@@ -110,7 +110,7 @@ def test_bad_input_is_one_line(shapes_dir, tmp_path, capsys, args, message):
 def test_rerun_resumes_after_kill_9(shapes_dir, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "compute.cli", "compute", "--model", MODEL, "--images", str(shapes_dir),
-           "--out", str(run), "--batch-size", "4", "--chunk-size", "8"]
+           "--out", str(run), "--batch-size", "2", "--chunk-size", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -119,7 +119,7 @@ def test_rerun_resumes_after_kill_9(shapes_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(list((run / "_chunks").glob("*.json")))
-    assert 2 <= done_before < 6, "the run should have been killed part-way"
+    assert 2 <= done_before < 12, "the run should have been killed part-way"
     assert json.loads((run / "manifest.json").read_text())["status"] == "partial"
     # an orphan part from an unfinished chunk must not survive the resume
     (run / "images" / "part-00000000deadbeef.parquet").write_bytes(b"junk")
