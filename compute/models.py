@@ -9,7 +9,7 @@ import contextlib
 import io
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,6 +59,16 @@ class LoadedModel:
     preprocess: Callable
     tokenizer: Callable
     info: ModelInfo
+
+    _decomposers: dict = field(default_factory=dict, repr=False)
+
+    def decomposer(self, head_layers: tuple[int, ...] = (), token_layers: tuple[int, ...] = ()):
+        """A Decomposer for this model, built once per layer selection (its fold matrices cost a few GFLOP)."""
+        from .decompose import Decomposer
+        key = (tuple(head_layers), tuple(token_layers))
+        if key not in self._decomposers:
+            self._decomposers[key] = Decomposer(self.model, head_layers=key[0], token_layers=key[1])
+        return self._decomposers[key]
 
     @property
     def device(self) -> torch.device:

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .decompose import Decomposer
 from .models import LoadedModel
 
 
@@ -24,7 +23,7 @@ class TokenMaps:
 def token_maps(loaded: LoadedModel, image: Image.Image, layers: list[int] | None = None) -> TokenMaps:
     layers = list(range(loaded.info.layers)) if layers is None else layers
     pixels = loaded.preprocess(image)[None].to(loaded.device)
-    d = Decomposer(loaded.model, token_layers=layers)(pixels)
+    d = loaded.decomposer(token_layers=tuple(layers))(pixels)
     return TokenMaps(layers, d.tokens[0], tuple(loaded.info.grid))
 
 

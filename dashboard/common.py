@@ -10,7 +10,7 @@ from PIL import Image
 from compute.errors import AtlasError
 
 from . import live
-from .queries import RunInfo, Store, store_root
+from .queries import RunInfo, Store, full_path, store_root
 
 DISPLAY_PX = 256
 
@@ -155,9 +155,8 @@ def image_grid(s: Store, run: RunInfo, hits: list[tuple[int, float]], cols: int 
     for n, (image_id, score) in enumerate(hits):
         with columns[n % cols]:
             path, label = info.get(image_id, ("?", None))
-            full = s.image_path(run, image_id)
             try:
-                show_image(Image.open(full).convert("RGB"), f"{score:.3f}" + (f" · {label}" if label else ""), px=160)
+                show_image(Image.open(full_path(run, path)).convert("RGB"), f"{score:.3f}" + (f" · {label}" if label else ""), px=160)
             except OSError:
                 st.warning(f"missing file {path}")
 

@@ -9,7 +9,6 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from compute.decompose import Decomposer
 from compute.errors import AtlasError
 from compute.images import BadImage, load_image
 from compute.models import LoadedModel, load_model
@@ -58,7 +57,7 @@ def head_contributions(spec: str, image: Image.Image, layers: tuple[int, ...]) -
     """[len(layers), H, D] direct contributions of the chosen layers' heads for one image."""
     m = model(spec)
     pixels = m.preprocess(image)[None].to(m.device)
-    d = Decomposer(m.model, head_layers=list(layers))(pixels)
+    d = m.decomposer(head_layers=tuple(layers))(pixels)
     return d.heads[0].float().cpu().numpy()
 
 

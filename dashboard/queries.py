@@ -50,6 +50,11 @@ class RunInfo:
         return (self.path / f"{table}.parquet").is_file()
 
 
+def full_path(run: RunInfo, rel_path: str) -> Path:
+    """An image's file from its stored path (relative to the run's images root)."""
+    return Path(run.manifest["images_root"]) / rel_path
+
+
 class Store:
     """Read-only access to a store folder."""
 
@@ -119,7 +124,7 @@ class Store:
 
     def image_path(self, run: RunInfo, image_id: int) -> Path | None:
         rows = self.sql("SELECT path FROM read_parquet(?) WHERE image_id = ?", [self._glob(run, "images", "*.parquet"), image_id])
-        return Path(run.manifest["images_root"]) / rows[0][0] if rows else None
+        return full_path(run, rows[0][0]) if rows else None
 
     def image_info(self, run: RunInfo, ids: list[int]) -> dict[int, tuple[str, str | None]]:
         rows = self.sql("SELECT image_id, path, label FROM read_parquet(?) WHERE list_contains(?, image_id)",

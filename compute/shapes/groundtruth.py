@@ -119,13 +119,16 @@ def evaluate_segmentation(store: RunStore, n_images: int = 120, seed: int = 0, p
     pick = random.Random(seed).sample(range(len(ids)), min(n_images, len(ids)))
     out: dict[str, list] = {k: [] for k in ("image_id", "object", "text", "iou", "iou_shuffled")}
     shuffle = np.random.default_rng(seed)
+    text_emb: dict[str, torch.Tensor] = {}
     for i in tqdm(pick, desc="segmentation", unit="img", disable=not progress):
         scene = scenes[rows[i]]
         image = Image.open(Path(man["images_root"]) / paths[i]).convert("RGB")
         maps = token_maps(loaded, image)
         for o in range(scene["n_objects"]):
             text = f"a {scene[f'obj{o + 1}_color']} {scene[f'obj{o + 1}_shape']}"
-            emb = loaded.encode_texts([text])[0]
+            if text not in text_emb:
+                text_emb[text] = loaded.encode_texts([text])[0]
+            emb = text_emb[text]
             grid = heatmap(maps, emb)
             truth = masks[rows[i]] == o + 1
             # the same values with the patches shuffled: what a map that ignores the object scores
