@@ -46,10 +46,20 @@ def _shapes_eval(a: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _shapes_validate(a: argparse.Namespace) -> None:
+    from .shapes.validate import format_report, validate
+    report = validate(a.out, seeds=a.seeds, n=a.n, seed_base=a.seed_base)
+    print(format_report(report))
+    print(f"report: {Path(a.out) / 'report.json'}")
+
+
 def _textspan(a: argparse.Namespace) -> None:
-    from .textspan import run_textspan
-    m = run_textspan(a.run, a.texts, m=a.m, rank=a.rank, layers=a.layers, precision=a.precision, device=a.device)
-    print(f"textspan: {len(m['textspan']['layers'])} layers x {m['heads']} heads, {m['textspan']['m']} texts each -> {a.run}/textspan.parquet")
+    from .jobs.textspan import run_textspan
+    m = run_textspan(a.run, a.texts, m=a.m, rank=a.rank, layers=a.layers, device=a.device)
+    ts = m["textspan"]
+    print(f"textspan: {len(ts['layers'])} layers x {m['heads']} heads, up to {ts['m']} texts each -> {a.run}/textspan.parquet")
+    print(f"stability (top-{ts['stability_k']} picks shared by two halves of the images): mean {ts['mean_stability']:.2f}, "
+          f"{ts['unstable_heads']} heads flagged unstable")
 
 
 def _label(a: argparse.Namespace) -> None:
@@ -94,6 +104,8 @@ def _shapes_card(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .jobs.textspan import DEFAULT_M, DEFAULT_RANK
+    from .properties import METHODS
     p = argparse.ArgumentParser(prog="clip-atlas", description="Decompose and interpret CLIP image embeddings.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -113,17 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("textspan", help="label each head's output space with texts (TextSpan)")
     t.add_argument("run")
-    t.add_argument("--texts", default="general", help="pool: general | shapes | a .txt or .csv file")
-    t.add_argument("--m", type=int, default=20, help="texts per head")
-    t.add_argument("--rank", type=int, default=80, help="rank of the span the texts are projected on")
+    t.add_argument("--texts", default="auto", help="pool: auto (shapes for the Shapes model, else general) | general | shapes | a .txt or .csv file")
+    t.add_argument("--m", type=int, default=DEFAULT_M, help="at most this many texts per head")
+    t.add_argument("--rank", type=int, default=DEFAULT_RANK,
+                   help="rank of the span the texts are projected on; capped per head at its numerical rank")
     t.add_argument("--layers", default=None, help="subset of the stored layers (default: all stored)")
-    t.add_argument("--precision", default="float32", choices=["float32", "float64"])
     t.add_argument("--device", default="auto")
     t.set_defaults(func=_textspan)
 
     lb = sub.add_parser("label", help="assign each head a property from its TextSpan texts")
     lb.add_argument("run")
-    lb.add_argument("--method", default="tags", choices=["tags", "similarity", "llm"])
+    lb.add_argument("--method", default="tags", choices=list(METHODS),
+                    help="tags (default): majority of the head's texts, kept only when both halves of the images agree")
     lb.add_argument("--reference", default="general", help="tagged pool for --method similarity")
     lb.set_defaults(func=_label)
 
@@ -159,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = s.add_parser("eval", help="ground-truth evaluation of a run computed on a Shapes dataset")
     e.add_argument("run")
     e.set_defaults(func=_shapes_eval)
+    v = s.add_parser("validate", help="the whole pipeline with defaults on fresh seeds, scored against ground truth")
+    v.add_argument("--seeds", type=int, default=3)
+    v.add_argument("--n", type=int, default=2000, help="scenes per seed")
+    v.add_argument("--seed-base", type=int, default=101, help="first seed (training, demo and tuning used 0 and 11-13)")
+    v.add_argument("--out", default="artifacts/shapes-validate")
+    v.set_defaults(func=_shapes_validate)
     cd = s.add_parser("card", help="rewrite the model card (optionally with a run's ground-truth figures)")
     cd.add_argument("--eval", default=None, help="a run evaluated by `shapes eval`")
     cd.set_defaults(func=_shapes_card)

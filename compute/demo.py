@@ -12,28 +12,32 @@ DEMO_DATA = "shapes-demo-data"
 
 
 def build_demo_store(store: str | Path = "artifacts", n: int = 2000, progress: bool = True) -> Path:
-    """Generate scenes, compute their store with the Shapes model, then TextSpan, labels, metrics, ground truth.
-    Each step is skipped when its output is already there, so a rerun is quick."""
+    """The demo store: seed 0 scenes, every step with the CLI's defaults."""
+    store = Path(store)
+    return build_shapes_store(store / DEMO_DATA, store / DEMO_RUN, n, seed=0, progress=progress)
+
+
+def build_shapes_store(data: Path, run: Path, n: int, seed: int, metrics: bool = True, progress: bool = True) -> Path:
+    """Generate scenes, compute their store with the Shapes model, then TextSpan, labels, metrics, ground truth,
+    each with the CLI's defaults (nothing is tuned here). Each step is skipped when its output is already there."""
     from .job import ComputeConfig, run_compute
     from .metrics import run_metrics
     from .properties import run_label
     from .shapes.dataset import generate
     from .shapes.groundtruth import evaluate_run
-    from .textspan import run_textspan
-    store = Path(store)
-    data, run = store / DEMO_DATA, store / DEMO_RUN
+    from .jobs.textspan import run_textspan
     if not (data / "scenes.parquet").is_file():
-        generate(n, seed=0, out=data, progress=progress)
+        generate(n, seed=seed, out=data, progress=progress)
     rs = RunStore(run)
     if not rs.exists() or rs.manifest().get("status") != "complete":
-        run_compute(ComputeConfig("shapes", str(data), str(run), layers="all", batch_size=128), progress=progress)
-    if not rs.table_path("textspan").is_file():
-        run_textspan(str(run), "shapes", m=10, rank=40, progress=progress)
+        run_compute(ComputeConfig("shapes", str(data), str(run)), progress=progress)
+    if not rs.table_path("textspan_heads").is_file():
+        run_textspan(str(run), progress=progress)
     if not rs.table_path("properties").is_file():
-        run_label(str(run), "tags")
+        run_label(str(run))
     if not rs.table_path("shapes_heads").is_file():
         evaluate_run(str(run), progress=progress)
-    if not rs.table_path("metrics").is_file():
+    if metrics and not rs.table_path("metrics").is_file():
         run_metrics(str(run), progress=progress)
     return run
 

@@ -1,6 +1,8 @@
 """Reading per-head contributions (and other vector columns) out of a run as numpy."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,13 +21,23 @@ def vector_column(table: pa.Table, name: str) -> np.ndarray:
     return flat.reshape(len(col), -1)
 
 
-def read_head(store: RunStore, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
-    """(image_ids sorted, contributions [N, D]) for one head."""
-    folder = store.head_dir(layer, head)
-    files = sorted(folder.glob("*.parquet"))
+def head_files(store: RunStore, layer: int, head: int) -> list:
+    files = sorted(store.head_dir(layer, head).glob("*.parquet"))
     if not files:
         raise AtlasError(f"{store.root}: no stored rows for layer {layer} head {head}")
-    table = pa.concat_tables(pq.read_table(f) for f in files)
+    return files
+
+
+def iter_head(store: RunStore, layer: int, head: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(image_ids, contributions [n, D]) one stored part file at a time: memory bounded by the chunk size."""
+    for f in head_files(store, layer, head):
+        table = pq.read_table(f)
+        yield table.column("image_id").to_numpy(), vector_column(table, "contribution")
+
+
+def read_head(store: RunStore, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image_ids sorted, contributions [N, D]) for one head."""
+    table = pa.concat_tables(pq.read_table(f) for f in head_files(store, layer, head))
     ids = table.column("image_id").to_numpy()
     order = np.argsort(ids, kind="stable")
     return ids[order], vector_column(table, "contribution")[order]

@@ -17,8 +17,8 @@ from .store import RunStore, list_runs
 
 def association(labels: list[HeadLabel]) -> float:
     """Mean over labelled heads of the share of its top-m texts carrying its property (higher: more consistent)."""
-    conf = [x.confidence for x in labels if x.property != UNLABELLED]
-    return float(np.mean(conf)) if conf else float("nan")
+    shares = [x.share for x in labels if x.property != UNLABELLED]
+    return float(np.mean(shares)) if shares else float("nan")
 
 
 def entanglement(labels: list[HeadLabel]) -> float:
@@ -102,7 +102,7 @@ def run_metrics(run: str, progress: bool = True) -> pa.Table:
         if zs:
             add("model", "textspan_reconstruction_zero_shot", zero_shot_accuracy(swapped, zs[0], zs[1]))
     if pr_path.is_file():
-        labels = [HeadLabel(**{k: r[k] for k in ("layer", "head", "property", "confidence", "method")})
+        labels = [HeadLabel(**{k: r[k] for k in ("layer", "head", "property", "confidence", "method", "share") if k in r})
                   for r in pq.read_table(pr_path).to_pylist()]
         add("model", "association", association(labels))
         add("model", "entanglement", entanglement(labels))

@@ -1,10 +1,20 @@
-"""Head property labels (from TextSpan texts) and per-image property vectors.
+"""Head property labels that say when they do not know, and per-image property vectors.
 
-Methods:
-- `tags` (default): the property carried by most of the head's top-m texts; confidence is
-  the share of those texts carrying it.
-- `similarity`: for untagged pools; each of the head's texts goes to the property whose
-  tagged reference texts (a bundled pool) its embedding is closest to, then majority as above.
+Method `tags` (the default), for a pool whose texts carry property tags:
+- the candidate is the property carried by most of the head's TextSpan texts (ties go to the earlier pick);
+- the head keeps it only if TextSpan on each of two disjoint halves of the images (textspan_heads'
+  picks_a, picks_b) gives the same majority; otherwise it is `unlabelled`. A label that flips with
+  the sample of images is not evidence about the head;
+- confidence = 1 - p, with p the chance that the head's texts, their tags shuffled over the pool
+  (NULL_DRAWS permutations, seeded), carry the label's property at least as often: how far the vote
+  beats what the pool's own mix of tags gives by chance (a common property needs more votes).
+How the vote size (textspan's m) and the gate were chosen, on seeds kept apart from validation:
+docs/labels.md.
+
+Other methods:
+- `majority`: the candidate above with no gate (the earlier default; confidence is the vote share).
+- `similarity`: for untagged pools; each pool text is tagged with the property whose reference
+  prototype (mean embedding of a bundled tagged pool's texts of that property) is nearest, then `tags`.
 - `llm`: in-context labelling through an OpenAI-compatible chat API, only when
   CLIP_ATLAS_LLM_URL and CLIP_ATLAS_LLM_MODEL are set (key in CLIP_ATLAS_LLM_KEY, never logged).
 """
@@ -25,6 +35,8 @@ from .errors import AtlasError
 from .store import RunStore, vectors, write_table_atomic
 
 UNLABELLED = "unlabelled"
+NULL_DRAWS = 2000     # tag permutations for the confidence (p resolves to 1/2001)
+NULL_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,7 @@ class HeadLabel:
     property: str
     confidence: float
     method: str
+    share: float = 0.0       # share of the head's texts that carry the property (the vote)
 
 
 def majority(tag_lists: list[list[str]]) -> tuple[str, float]:
@@ -50,6 +63,42 @@ def majority(tag_lists: list[list[str]]) -> tuple[str, float]:
         return UNLABELLED, 0.0
     best = max(counts, key=lambda t: (counts[t], -first[t]))
     return best, counts[best] / len(tag_lists)
+
+
+def shuffled_tag_pvalue(tags: list[list[str]], ids: list[int], prop: str, draws: int = NULL_DRAWS,
+                        seed: int = NULL_SEED) -> float:
+    """P(share of `prop` among the texts `ids` >= observed) when the pool's tags are shuffled over its texts."""
+    has = np.array([prop in t for t in tags])
+    if not ids or not has.any():
+        return 1.0
+    observed = has[ids].mean()
+    rng = np.random.default_rng(seed)
+    perms = np.argsort(rng.random((draws, len(tags))), axis=1)[:, :len(ids)]    # texts drawn without replacement
+    null = has[perms].mean(1)
+    return float((1 + (null >= observed - 1e-12).sum()) / (draws + 1))
+
+
+def half_picks(store: RunStore) -> dict[tuple[int, int], tuple[list[int], list[int]]]:
+    """(layer, head) -> the TextSpan picks on each half of the images."""
+    path = store.table_path("textspan_heads")
+    if not path.is_file():
+        raise AtlasError(f"{store.root}: no textspan_heads.parquet; rerun `clip-atlas textspan`")
+    return {(r["layer"], r["head"]): (r["picks_a"], r["picks_b"])
+            for r in pq.read_table(path, columns=["layer", "head", "picks_a", "picks_b"]).to_pylist()}
+
+
+def stable_labels(store: RunStore, tags: list[list[str]], method: str) -> list[HeadLabel]:
+    """Majority of each head's texts, kept when both halves of the images agree; confidence from the shuffled-tag null."""
+    halves = half_picks(store)
+    out = []
+    for (l, h), ids in sorted(head_texts(store).items()):
+        prop, share = majority([tags[i] for i in ids])
+        a, b = halves.get((l, h), ([], []))
+        if prop == UNLABELLED or any(majority([tags[i] for i in half])[0] != prop for half in (a, b)):
+            out.append(HeadLabel(l, h, UNLABELLED, 0.0, method, share))
+            continue
+        out.append(HeadLabel(l, h, prop, 1.0 - shuffled_tag_pvalue(tags, ids, prop), method, share))
+    return out
 
 
 def head_texts(store: RunStore) -> dict[tuple[int, int], list[int]]:
@@ -72,14 +121,24 @@ def read_texts(store: RunStore) -> tuple[list[str], list[list[str]], np.ndarray]
 
 def label_by_tags(store: RunStore) -> list[HeadLabel]:
     _, tags, _ = read_texts(store)
-    return [HeadLabel(l, h, *majority([tags[i] for i in ids]), "tags") for (l, h), ids in sorted(head_texts(store).items())]
+    return stable_labels(store, tags, "tags")
+
+
+def label_by_majority(store: RunStore) -> list[HeadLabel]:
+    """Majority tag of the head's TextSpan texts, with no gate."""
+    _, tags, _ = read_texts(store)
+    out = []
+    for (l, h), ids in sorted(head_texts(store).items()):
+        prop, share = majority([tags[i] for i in ids])
+        out.append(HeadLabel(l, h, prop, share, "majority", share))
+    return out
 
 
 def label_by_similarity(store: RunStore, reference: str = "general") -> list[HeadLabel]:
-    """Nearest property prototype (mean embedding of a tagged pool's single-property texts) for each head text."""
+    """Tags each pool text with its nearest property prototype, then labels as `tags` does."""
     from .models import load_model
     from .texts import load_pool
-    texts, _, emb = read_texts(store)
+    _, _, emb = read_texts(store)
     ref = load_pool(reference)
     if not ref.tagged:
         raise AtlasError(f"reference pool {reference} has no tags")
@@ -92,8 +151,7 @@ def label_by_similarity(store: RunStore, reference: str = "general") -> list[Hea
         v = ref_emb[rows].mean(0)
         protos.append(v / np.linalg.norm(v))
     nearest = np.argmax(emb @ np.stack(protos).T, axis=1)
-    return [HeadLabel(l, h, *majority([[props[nearest[i]]] for i in ids]), "similarity")
-            for (l, h), ids in sorted(head_texts(store).items())]
+    return stable_labels(store, [[props[j]] for j in nearest], "similarity")
 
 
 def label_by_llm(store: RunStore, examples: list[tuple[list[str], str]] | None = None, timeout: float = 60) -> list[HeadLabel]:
@@ -125,18 +183,18 @@ def label_by_llm(store: RunStore, examples: list[tuple[list[str], str]] | None =
         prop = " ".join(str(answer).strip().strip(".").lower().split()[:4]) or UNLABELLED
         # confidence: share of the head's texts whose tags agree with the answer (0 for an untagged pool)
         share = sum(prop in tags[i] for i in ids) / len(ids) if known else 0.0
-        out.append(HeadLabel(l, h, prop, share, "llm"))
+        out.append(HeadLabel(l, h, prop, share, "llm", share))
     return out
 
 
-METHODS = {"tags": label_by_tags, "similarity": label_by_similarity, "llm": label_by_llm}
+METHODS = ("tags", "majority", "similarity", "llm")
 
 
 def write_labels(store: RunStore, labels: list[HeadLabel]) -> None:
     store.write_derived("properties", pa.table({
         "layer": pa.array([x.layer for x in labels], pa.int16()), "head": pa.array([x.head for x in labels], pa.int16()),
         "property": [x.property for x in labels], "confidence": pa.array([x.confidence for x in labels], pa.float32()),
-        "method": [x.method for x in labels]}))
+        "share": pa.array([x.share for x in labels], pa.float32()), "method": [x.method for x in labels]}))
 
 
 def write_property_vectors(store: RunStore, labels: list[HeadLabel]) -> dict[str, int]:
@@ -157,12 +215,16 @@ def write_property_vectors(store: RunStore, labels: list[HeadLabel]) -> dict[str
 
 
 def run_label(run: str, method: str = "tags", reference: str = "general") -> list[HeadLabel]:
-    """`clip-atlas label`: properties.parquet and property_vectors/."""
+    """`clip-atlas label`: properties.parquet and property_vectors/ (labelled heads only)."""
     if method not in METHODS:
-        raise AtlasError(f"unknown labelling method {method!r} (tags, similarity, llm)")
+        raise AtlasError(f"unknown labelling method {method!r} ({', '.join(METHODS)})")
     store = RunStore(run)
-    labels = label_by_similarity(store, reference) if method == "similarity" else METHODS[method](store)
+    if method == "similarity":
+        labels = label_by_similarity(store, reference)
+    else:
+        labels = {"tags": label_by_tags, "majority": label_by_majority, "llm": label_by_llm}[method](store)
     write_labels(store, labels)
     counts = write_property_vectors(store, labels)
-    store.update_manifest(properties={"method": method, "heads_per_property": counts})
+    store.update_manifest(properties={"method": method, "labelled_heads": sum(x.property != UNLABELLED for x in labels),
+                                      "heads_per_property": counts})
     return labels

@@ -30,7 +30,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 CHUNKS = "_chunks"
 # tables written by later steps (TextSpan, labels, metrics, ground truth): RUN/<name>.parquet
-DERIVED = ("texts", "textspan", "properties", "metrics", "shapes_heads", "shapes_models", "shapes_segmentation")
+DERIVED = ("texts", "textspan", "textspan_heads", "properties", "metrics", "shapes_heads", "shapes_models", "shapes_segmentation")
 
 
 def vectors(arr: np.ndarray) -> pa.FixedSizeListArray:

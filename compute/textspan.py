@@ -1,13 +1,27 @@
-"""TextSpan (Gandelsman et al.), batched over heads.
+"""TextSpan (Gandelsman et al.), batched over heads, at each head's true rank.
 
 Per head, with C [N, D] its direct contributions and T [K, D] the text embeddings:
 1. project every text onto the span of C's top-r right singular vectors (uncentered);
-2. centre C; then m times: pick the text whose projection has the largest
+2. centre C; then, up to m times, pick the text whose projection has the largest
    variance over images, remove that direction from the data and from every text.
 
-The picks only depend on the data through its covariance inside the r-dim span
-(every text lies in it, and so does every removed direction), so all heads run
-as one batch of r x r problems: the per-pick cost is K r^2, not N K D.
+Well defined, where the reference is not. A head's contribution is W_O,h (with LayerScale and the
+readout folded in) applied to a head_dim vector, so C spans at most head_dim dimensions. Singular
+directions past that are round-off noise, and texts projected onto them get noise components that
+change the norms used in deflation: the reference's picks then depend on the SVD's arbitrary noise
+basis (docs/textspan.md has the measurements). So here
+
+    r = min(rank, numerical rank of C),  numerical rank = #{ s_i > RANK_TOL * s_max },
+
+with RANK_TOL = D * eps(float32), the round-off of a float32 row of width D; and picking stops
+early when the best remaining text would explain less than PICK_FLOOR of the head's variance.
+At r <= the true rank and with no early stop this is exactly the reference algorithm.
+
+Sufficient statistics. Everything above needs C only through n, sum(C) and the Gram C^T C
+(uncentered right singular vectors = eigenvectors of the Gram; covariance = (Gram - n mu mu^T)/(n-1)),
+so heads are streamed chunk by chunk into `Moments` (D x D per head, in float64, whatever the
+number of images), and two halves of the images cost no second pass (their moments add up to the
+whole). The per-pick cost is K r^2 for all heads at once.
 """
 from __future__ import annotations
 
@@ -15,65 +29,156 @@ from dataclasses import dataclass
 
 import torch
 
+RANK_TOL_EPS = torch.finfo(torch.float32).eps    # times D: RANK_TOL
+PICK_FLOOR = 1e-3                                # a pick must explain at least this share of the head's variance
+STABILITY_K = 5                                  # top picks compared between the two halves
+UNSTABLE_BELOW = 0.5                             # a head sharing fewer of its top picks between halves is flagged
+
+
+@dataclass
+class Moments:
+    """Streaming sufficient statistics of a batch of heads' rows: count, sum [H, D], Gram [H, D, D] (float64)."""
+    n: int
+    sum: torch.Tensor
+    gram: torch.Tensor
+
+    @classmethod
+    def zeros(cls, heads: int, dim: int, device: torch.device | str = "cpu") -> "Moments":
+        return cls(0, torch.zeros(heads, dim, dtype=torch.float64, device=device),
+                   torch.zeros(heads, dim, dim, dtype=torch.float64, device=device))
+
+    @classmethod
+    def of(cls, C: torch.Tensor) -> "Moments":
+        """Moments of [H, N, D] (or [N, D]) rows."""
+        if C.ndim == 2:
+            C = C[None]
+        Cd = C.to(torch.float64)
+        return cls(C.shape[1], Cd.sum(1), Cd.transpose(-1, -2) @ Cd)
+
+    def add(self, C: torch.Tensor) -> None:
+        """Accumulate [H, n, D] rows (any float dtype; the products run in float64)."""
+        Cd = C.to(device=self.sum.device, dtype=torch.float64)
+        self.n += C.shape[1]
+        self.sum += Cd.sum(1)
+        self.gram += Cd.transpose(-1, -2) @ Cd
+
+    def __add__(self, other: "Moments") -> "Moments":
+        return Moments(self.n + other.n, self.sum + other.sum, self.gram + other.gram)
+
+    def covariance(self) -> torch.Tensor:
+        """Unbiased covariance [H, D, D]."""
+        mu = self.sum / self.n
+        return (self.gram - self.n * mu[:, :, None] * mu[:, None, :]) / (self.n - 1)
+
 
 @dataclass
 class TextSpanResult:
-    """Per head (leading dim H): picks and what each explains."""
+    """Per head (leading dim H). Heads stop at different counts: picks are -1 past `n_picks`."""
     picks: torch.Tensor                  # [H, m] text indices, in pick order
-    variance_explained: torch.Tensor     # [H, m] fraction of the head's total variance
-    directions: torch.Tensor             # [H, m, D] unit directions removed, in embedding space
+    variance_explained: torch.Tensor     # [H, m] fraction of the head's total variance (0 past n_picks)
+    directions: torch.Tensor             # [H, m, D] unit directions removed, in embedding space (0 past n_picks)
     total_variance: torch.Tensor         # [H]
+    rank: torch.Tensor                   # [H] the rank used: min(requested, numerical rank)
+    n_picks: torch.Tensor                # [H] picks made before the rank or the variance ran out
+    basis: torch.Tensor                  # [H, R, D] the span (rows past a head's rank are 0)
+    span_covariance: torch.Tensor        # [H, R, R] the covariance inside the span, before any pick
 
     @property
     def cumulative(self) -> torch.Tensor:
         return self.variance_explained.cumsum(-1)
 
-
-def top_right_singular(C: torch.Tensor, rank: int) -> torch.Tensor:
-    """[H, N, D] -> [H, r, D]: top-r right singular vectors, from the D x D Gram matrix (N >> D)."""
-    # in float64: squaring C squares its condition number, and float32 would blur the trailing
-    # singular directions (often a near-degenerate noise floor) enough to flip near-tied picks
-    Cd = C.to(torch.float64)
-    evals, evecs = torch.linalg.eigh(Cd.transpose(-1, -2) @ Cd)   # ascending
-    r = min(rank, C.shape[-1], C.shape[-2])
-    return evecs[..., -r:].flip(-1).transpose(-1, -2)
+    def head_picks(self, h: int) -> list[int]:
+        return self.picks[h, : int(self.n_picks[h])].tolist()
 
 
-@torch.no_grad()
-def textspan(C: torch.Tensor, T: torch.Tensor, m: int = 20, rank: int = 80,
-             dtype: torch.dtype = torch.float32) -> TextSpanResult:
-    """Run TextSpan for a batch of heads. C: [H, N, D] (or [N, D]); T: [K, D] L2-normalised texts."""
-    if C.ndim == 2:
-        C = C[None]
-    C, T = C.to(dtype), T.to(device=C.device, dtype=dtype)
-    H, N, D = C.shape
-    # the N-sized products run in `dtype`; everything after them is r-dimensional and runs in float64,
-    # so near-tied picks do not flip with float32 rounding
-    V = top_right_singular(C, rank)                            # [H, r, D], float64
-    # past r picks the span is used up and further picks would be numerical noise
-    m = min(m, T.shape[0], V.shape[1])
-    t = T.to(torch.float64)[None] @ V.transpose(-1, -2)        # [H, K, r]  texts in span coordinates
-    C0 = C - C.mean(1, keepdim=True)
-    total = (C0 * C0).sum((1, 2)).to(torch.float64) / (N - 1)  # trace of the covariance
-    c = (C0 @ V.to(dtype).transpose(-1, -2)).to(torch.float64)  # [H, N, r]
-    cov = c.transpose(-1, -2) @ c / (N - 1)                    # [H, r, r]
-    picks, explained, dirs = [], [], []
-    h_idx = torch.arange(H, device=C.device)
-    for _ in range(m):
-        var = ((t @ cov) * t).sum(-1)                          # [H, K] variance of each text's projection
-        j = var.argmax(-1)                                     # [H]
+def rank_tolerance(dim: int) -> float:
+    """Relative singular-value tolerance for width-`dim` rows stored in float32."""
+    return dim * RANK_TOL_EPS
+
+
+def span_basis(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[H, D, D] uncentered Gram -> (V [H, R, D] top right singular vectors, zero rows past each head's rank;
+    ranks [H]), R = the largest rank used."""
+    evals, evecs = torch.linalg.eigh(gram)                       # ascending
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    sv = evals.clamp_min(0).sqrt()
+    tol = rank_tolerance(gram.shape[-1]) * sv[:, :1]
+    ranks = (sv > tol).sum(-1).clamp(max=rank)
+    R = max(int(ranks.max()), 1)
+    keep = torch.arange(R, device=gram.device)[None, :] < ranks[:, None]    # [H, R]
+    V = evecs[..., :R].transpose(-1, -2) * keep[..., None]
+    return V, ranks
+
+
+def greedy_picks(t: torch.Tensor, cov: torch.Tensor, total: torch.Tensor, ranks: torch.Tensor, m: int,
+                 floor: float = PICK_FLOOR) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """TextSpan's loop on span coordinates. t: [H, K, R] texts, cov: [H, R, R], total: [H] variance to divide by,
+    ranks: [H]. Returns (picks [H, m] with -1 once a head stops, explained [H, m], unit directions: m x [H, R])."""
+    H = t.shape[0]
+    picks = torch.full((H, m), -1, dtype=torch.long, device=t.device)
+    explained = torch.zeros(H, m, dtype=t.dtype, device=t.device)
+    units = []
+    active = ranks > 0
+    h_idx = torch.arange(H, device=t.device)
+    for k in range(m):
+        active &= ranks > k
+        var = ((t @ cov) * t).sum(-1)                             # [H, K] variance of each text's projection
+        j = var.argmax(-1)
         u = t[h_idx, j]
-        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-300)    # [H, r]
-        explained.append(torch.einsum("hr,hrs,hs->h", u, cov, u) / total)
-        picks.append(j)
-        dirs.append(torch.einsum("hr,hrd->hd", u, V))
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-300)    # [H, R]
+        ev = torch.einsum("hr,hrs,hs->h", u, cov, u) / total
+        active &= ev >= floor
+        if not active.any():
+            break
+        u = u * active[:, None].to(u.dtype)                       # finished heads deflate by nothing
+        picks[:, k] = torch.where(active, j, -1)
+        explained[:, k] = ev * active
+        units.append(u)
         # deflate: remove u from the data (covariance) and from every text
         cu = torch.einsum("hrs,hs->hr", cov, u)
         ucu = (u * cu).sum(-1, keepdim=True)
         cov = cov - u[:, :, None] * cu[:, None, :] - cu[:, :, None] * u[:, None, :] + ucu[:, :, None] * u[:, :, None] * u[:, None, :]
         t = t - (t @ u[:, :, None]) * u[:, None, :]
-    return TextSpanResult(torch.stack(picks, 1), torch.stack(explained, 1).to(dtype), torch.stack(dirs, 1).to(dtype),
-                          total.to(dtype))
+    return picks, explained, units
+
+
+@torch.no_grad()
+def textspan_from_moments(moments: Moments, T: torch.Tensor, m: int = 20, rank: int = 80,
+                          floor: float = PICK_FLOOR) -> TextSpanResult:
+    """TextSpan for a batch of heads given their moments; T: [K, D] L2-normalised texts."""
+    V, ranks = span_basis(moments.gram, rank)                     # [H, R, D]
+    H, R, D = V.shape
+    cov_full = moments.covariance()
+    total = cov_full.diagonal(dim1=-2, dim2=-1).sum(-1)           # trace of the covariance
+    cov = V @ cov_full @ V.transpose(-1, -2)                      # [H, R, R]: covariance inside the span
+    t = T.to(device=V.device, dtype=torch.float64)[None] @ V.transpose(-1, -2)    # [H, K, R] texts in span coordinates
+    m = min(m, T.shape[0], R)
+    picks, explained, units = greedy_picks(t, cov, total, ranks, m, floor)
+    dirs = torch.zeros(H, m, D, dtype=torch.float64, device=V.device)
+    for k, u in enumerate(units):
+        dirs[:, k] = torch.einsum("hr,hrd->hd", u, V)
+    n_picks = (picks >= 0).sum(-1)
+    return TextSpanResult(picks, explained, dirs, total, ranks, n_picks, V, cov)
+
+
+def textspan(C: torch.Tensor, T: torch.Tensor, m: int = 20, rank: int = 80, floor: float = PICK_FLOOR) -> TextSpanResult:
+    """TextSpan for in-memory contributions C: [H, N, D] (or [N, D])."""
+    return textspan_from_moments(Moments.of(C), T, m=m, rank=rank, floor=floor)
+
+
+def pick_overlap(a: list[int], b: list[int], k: int = STABILITY_K) -> float:
+    """Share of the top-k picks that two runs have in common (order ignored); 1.0 when neither picked anything."""
+    k = min(k, max(len(a), len(b)))
+    if k == 0:
+        return 1.0
+    return len(set(a[:k]) & set(b[:k])) / k
+
+
+def half_of(image_ids: torch.Tensor) -> torch.Tensor:
+    """A fixed pseudo-random split of images into halves by id (bool: True = second half)."""
+    x = image_ids.to(torch.int64) * 0x9E3779B1 + 0x7F4A7C15
+    x = (x ^ (x >> 16)) * 0x45D9F3B
+    return ((x ^ (x >> 16)) & 1).bool()
 
 
 def reference_textspan(C, T, m: int, rank: int):
@@ -97,68 +202,3 @@ def reference_textspan(C, T, m: int, rank: int):
         T = T - np.outer(T @ tj, tj)
         picks.append(j)
     return picks, explained
-
-
-def run_textspan(run: str, pool: str, m: int = 20, rank: int = 80, layers: str | None = None,
-                 precision: str = "float32", device: str = "auto", heads_per_batch: int = 16,
-                 progress: bool = True) -> dict:
-    """`clip-atlas textspan`: writes RUN/texts.parquet and RUN/textspan.parquet."""
-    import numpy as np
-    import pyarrow as pa
-    from tqdm import tqdm
-
-    from .decompose import resolve_layers
-    from .errors import AtlasError
-    from .heads import read_heads
-    from .job import pick_device
-    from .models import load_model
-    from .store import RunStore, vectors
-    from .texts import load_pool
-
-    store = RunStore(run)
-    man = store.manifest()
-    if man.get("status") != "complete":
-        raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
-    if m < 1 or rank < 1:
-        raise AtlasError("--m and --rank must be positive")
-    stored = man["head_layers"]
-    chosen = stored if layers is None else resolve_layers(layers, man["layers"])
-    missing = sorted(set(chosen) - set(stored))
-    if missing:
-        raise AtlasError(f"layers {missing} were not stored in {run} (stored: {stored})")
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(precision)
-    if dtype is None:
-        raise AtlasError("--precision is float32 or float64")
-    texts = load_pool(pool)
-    dev = pick_device(device)
-    loaded = load_model(man["model"], dev)
-    T = loaded.encode_texts(texts.texts, progress=progress)
-    store.write_derived("texts", pa.table({
-        "text_id": pa.array(range(len(texts.texts)), pa.int32()), "text": texts.texts,
-        "tags": pa.array(texts.tags, pa.list_(pa.string())), "embedding": vectors(T.cpu().numpy())}))
-    pairs = [(l, h) for l in chosen for h in range(man["heads"])]
-    cols: dict[str, list] = {k: [] for k in ("layer", "head", "rank", "text_id", "text", "variance_explained",
-                                             "cumulative_variance")}
-    dirs = []
-    bar = tqdm(total=len(pairs), desc="textspan", unit="head", disable=not progress)
-    for i in range(0, len(pairs), heads_per_batch):
-        group = pairs[i:i + heads_per_batch]
-        _, C = read_heads(store, group)
-        res = textspan(torch.from_numpy(C).to(dev), T, m=m, rank=rank, dtype=dtype)
-        picks, ve, cum = res.picks.cpu().numpy(), res.variance_explained.cpu().numpy(), res.cumulative.cpu().numpy()
-        for g, (layer, head) in enumerate(group):
-            for r, j in enumerate(picks[g]):
-                for k, v in zip(cols, (layer, head, r, int(j), texts.texts[j], float(ve[g, r]), float(cum[g, r]))):
-                    cols[k].append(v)
-        dirs.append(res.directions.float().cpu().numpy().reshape(-1, res.directions.shape[-1]))
-        bar.update(len(group))
-    bar.close()
-    table = pa.table({
-        "layer": pa.array(cols["layer"], pa.int16()), "head": pa.array(cols["head"], pa.int16()),
-        "rank": pa.array(cols["rank"], pa.int16()), "text_id": pa.array(cols["text_id"], pa.int32()),
-        "text": cols["text"], "variance_explained": pa.array(cols["variance_explained"], pa.float32()),
-        "cumulative_variance": pa.array(cols["cumulative_variance"], pa.float32()),
-        "direction": vectors(np.concatenate(dirs))})
-    store.write_derived("textspan", table)
-    return store.update_manifest(textspan={"pool": pool, "texts": len(texts.texts), "m": m, "rank": rank,
-                                           "layers": chosen, "precision": precision})

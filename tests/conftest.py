@@ -56,10 +56,10 @@ def shapes_run(shapes_dir, tmp_path_factory):
 
     from compute.job import ComputeConfig, run_compute
     from compute.properties import run_label
-    from compute.textspan import run_textspan
+    from compute.jobs.textspan import run_textspan
     run = tmp_path_factory.mktemp("store") / "shapes-random"
     run_compute(ComputeConfig("clip-atlas-shapes:random", str(shapes_dir), str(run), layers="last2", batch_size=24),
                 progress=False)
-    run_textspan(str(run), "shapes", m=5, rank=16, progress=False)
-    run_label(str(run), "tags")
+    run_textspan(str(run), progress=False)
+    run_label(str(run))
     return run, json.loads((run / "manifest.json").read_text())

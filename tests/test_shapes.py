@@ -123,28 +123,46 @@ def test_ground_truth_eval_writes_tables(shapes_run):
     assert pq.read_table(run / "shapes_models.parquet").num_rows == len(summary)
 
 
-# Three in four clearly specialised heads must carry the label of their ground-truth attribute
-# (chance: one in six attributes); measured 0.89 on the 2,000-scene demo store.
-LABEL_AGREEMENT_MIN = 0.75
-# mean IoU above the same maps with their patches shuffled; measured 0.32 against 0.06 on the demo store.
-SEGMENTATION_MARGIN = 0.15
+# CI's small validation: 2 fresh seeds (201, 202: used by nothing else) x 500 scenes, the CLI's defaults end to end.
+# Thresholds fixed before this test was first run, looser than the full validation's targets (3 seeds x 2,000
+# scenes: mean agreement >= 0.85, no seed under 0.75) because 500 scenes give noisier ground truth.
+SMALL_MEAN_AGREEMENT = 0.70     # chance is 1 in 6
+SMALL_MIN_AGREEMENT = 0.50
+SMALL_LABELLED = 0.60           # share of specialised heads that get any label
+SMALL_P4_LIFT = 0.20            # property search beats chance
+SMALL_STABILITY = 0.50          # TextSpan's top-5 picks shared by two halves of the images
+SEGMENTATION_MARGIN = 0.15      # mIoU above the same maps with their patches shuffled
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """The committed Shapes model over 400 fresh scenes, through the whole pipeline as the demo runs it."""
-    from compute.demo import build_demo_store
-    store = tmp_path_factory.mktemp("trained")
-    return build_demo_store(store, n=400, progress=False)
+def small_validation(tmp_path_factory):
+    from compute.shapes.validate import validate
+    return validate(tmp_path_factory.mktemp("validate"), seeds=2, n=500, seed_base=201, progress=False)
 
 
-def test_trained_heads_specialise_and_labels_agree_with_ground_truth(trained_run):
-    import json
-    summary = json.loads((trained_run / "manifest.json").read_text())["shapes_eval"]
-    # the issue's target: at least a third of the last two layers' heads specialised in one attribute
-    assert summary["specialised_share_last2"] >= 1 / 3
-    # TextSpan labels name the attribute the ground truth finds, for the clearly specialised heads
-    assert summary["label_agreement_heads"] >= 8
-    assert summary["label_agreement"] >= LABEL_AGREEMENT_MIN
-    # the all-heads map of "a <colour> <shape>" finds the object better than a map that ignored it
-    assert summary["segmentation_miou"] >= summary["segmentation_miou_shuffled"] + SEGMENTATION_MARGIN
+def test_small_validation_on_fresh_seeds(small_validation):
+    s = small_validation["summary"]
+    assert s["specialised_heads"]["min"] >= 6
+    assert s["label_agreement"]["mean"] >= SMALL_MEAN_AGREEMENT and s["label_agreement"]["min"] >= SMALL_MIN_AGREEMENT
+    assert s["labelled_specialised"]["mean"] >= SMALL_LABELLED
+    assert s["property_p4_lift"]["mean"] >= SMALL_P4_LIFT
+    assert s["textspan_stability"]["mean"] >= SMALL_STABILITY
+    assert s["segmentation_miou"]["mean"] >= s["segmentation_miou_shuffled"]["mean"] + SEGMENTATION_MARGIN
+
+
+def test_validation_writes_its_report(small_validation, tmp_path_factory):
+    from compute.shapes.validate import format_report
+    assert small_validation["seeds"] == [201, 202]
+    text = format_report(small_validation)
+    assert "label_agreement" in text and "seed 201" in text
+
+
+def test_demo_uses_the_cli_defaults():
+    """No hidden tuning: the demo passes no setting that the CLI does not use by default."""
+    import inspect
+
+    from compute import demo
+    src = inspect.getsource(demo.build_shapes_store)
+    for call in ("run_textspan(str(run), progress=progress)", "run_label(str(run))",
+                 'ComputeConfig("shapes", str(data), str(run))'):
+        assert call in src

@@ -1,0 +1,1 @@
+"""Pipelines that read a run and write derived tables into it: textspan, ... (one module each)."""

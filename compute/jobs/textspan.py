@@ -1,0 +1,137 @@
+"""`clip-atlas textspan RUN`: texts.parquet, textspan.parquet and textspan_heads.parquet.
+
+Each head's stored contributions are streamed part file by part file into float64 moments, split
+into two fixed halves of the images (`half_of`), so memory is D x D per head whatever the number of
+images. TextSpan runs on the whole set (the stored picks) and on each half (the stability figure).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from ..errors import AtlasError
+from ..heads import iter_head
+from ..store import RunStore, vectors
+from ..textspan import (PICK_FLOOR, STABILITY_K, UNSTABLE_BELOW, Moments, TextSpanResult, half_of, pick_overlap,
+                        textspan_from_moments)
+
+DEFAULT_M = 10      # chosen on tuning seeds: docs/textspan.md
+DEFAULT_RANK = 80
+
+
+def head_moments(store: RunStore, pairs: list[tuple[int, int]], device: torch.device) -> tuple[Moments, Moments]:
+    """Moments of the two halves of the images for each head in `pairs` (stacked in that order)."""
+    halves: list[list[Moments]] = [[], []]
+    for layer, head in pairs:
+        a = b = None
+        for ids, C in iter_head(store, layer, head):
+            second = half_of(torch.as_tensor(np.array(ids)))
+            rows = torch.from_numpy(np.array(C)).to(device)
+            if a is None:
+                a, b = Moments.zeros(1, C.shape[1], device), Moments.zeros(1, C.shape[1], device)
+            a.add(rows[~second.to(device)][None])
+            b.add(rows[second.to(device)][None])
+        halves[0].append(a)
+        halves[1].append(b)
+    counts = {(m.n, h.n) for m, h in zip(*halves)}
+    if len(counts) != 1:
+        raise AtlasError(f"{store.root}: heads hold different images; is the run complete?")
+    return tuple(Moments(ms[0].n, torch.cat([m.sum for m in ms]), torch.cat([m.gram for m in ms])) for ms in halves)
+
+
+def default_pool(architecture: str) -> str:
+    """The bundled pool that describes what a model was trained on: Shapes' own vocabulary, else `general`."""
+    return "shapes" if architecture == "clip-atlas-shapes" else "general"
+
+
+def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = DEFAULT_RANK, layers: str | None = None,
+                 device: str = "auto", heads_per_batch: int = 16, floor: float = PICK_FLOOR,
+                 progress: bool = True) -> dict:
+    """Writes RUN/texts.parquet, RUN/textspan.parquet (picks) and RUN/textspan_heads.parquet (per-head summary)."""
+    from ..decompose import resolve_layers
+    from ..job import pick_device
+    from ..models import load_model
+    from ..texts import load_pool
+
+    store = RunStore(run)
+    man = store.manifest()
+    if man.get("status") != "complete":
+        raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
+    if m < 1 or rank < 1:
+        raise AtlasError("--m and --rank must be positive")
+    stored = man["head_layers"]
+    chosen = stored if layers is None else resolve_layers(layers, man["layers"])
+    missing = sorted(set(chosen) - set(stored))
+    if missing:
+        raise AtlasError(f"layers {missing} were not stored in {run} (stored: {stored})")
+    if pool == "auto":
+        pool = default_pool(man.get("architecture", ""))
+    texts = load_pool(pool)
+    dev = pick_device(device)
+    loaded = load_model(man["model"], dev)
+    T = loaded.encode_texts(texts.texts, progress=progress)
+    store.write_derived("texts", pa.table({
+        "text_id": pa.array(range(len(texts.texts)), pa.int32()), "text": texts.texts,
+        "tags": pa.array(texts.tags, pa.list_(pa.string())), "embedding": vectors(T.cpu().numpy())}))
+    pairs = [(l, h) for l in chosen for h in range(man["heads"])]
+    picks_out: dict[str, list] = {k: [] for k in ("layer", "head", "rank", "text_id", "variance_explained",
+                                                  "cumulative_variance")}
+    heads_out: dict[str, list] = {k: [] for k in ("layer", "head", "effective_rank", "picks", "total_variance",
+                                                  "explained", "stability", "picks_a", "picks_b", "basis",
+                                                  "span_covariance")}
+    dirs = []
+    bar = tqdm(total=len(pairs), desc="textspan", unit="head", disable=not progress)
+    for i in range(0, len(pairs), heads_per_batch):
+        group = pairs[i:i + heads_per_batch]
+        a, b = head_moments(store, group, dev)
+        whole = a + b
+        res = textspan_from_moments(whole, T, m=m, rank=rank, floor=floor)
+        ra, rb = (textspan_from_moments(x, T, m=m, rank=rank, floor=floor) for x in (a, b))
+        _collect(group, res, ra, rb, picks_out, heads_out, dirs)
+        for g, r in enumerate(res.rank.tolist()):
+            heads_out["basis"].append(res.basis[g, :r].float().cpu().numpy().reshape(-1))
+            heads_out["span_covariance"].append(res.span_covariance[g, :r, :r].cpu().numpy().reshape(-1))
+        bar.update(len(group))
+    bar.close()
+    n = len(picks_out["layer"])
+    store.write_derived("textspan", pa.table({
+        "layer": pa.array(picks_out["layer"], pa.int16()), "head": pa.array(picks_out["head"], pa.int16()),
+        "rank": pa.array(picks_out["rank"], pa.int16()), "text_id": pa.array(picks_out["text_id"], pa.int32()),
+        "text": [texts.texts[j] for j in picks_out["text_id"]],
+        "variance_explained": pa.array(picks_out["variance_explained"], pa.float32()),
+        "cumulative_variance": pa.array(picks_out["cumulative_variance"], pa.float32()),
+        "direction": vectors(np.concatenate(dirs) if n else np.zeros((0, T.shape[1]), np.float32))}))
+    stab = np.array(heads_out["stability"])
+    store.write_derived("textspan_heads", pa.table({
+        "layer": pa.array(heads_out["layer"], pa.int16()), "head": pa.array(heads_out["head"], pa.int16()),
+        "effective_rank": pa.array(heads_out["effective_rank"], pa.int16()),
+        "picks": pa.array(heads_out["picks"], pa.int16()),
+        "total_variance": pa.array(heads_out["total_variance"], pa.float64()),
+        "explained": pa.array(heads_out["explained"], pa.float32()),
+        "stability": pa.array(stab, pa.float32()), "stable": pa.array(stab >= UNSTABLE_BELOW),
+        "picks_a": pa.array(heads_out["picks_a"], pa.list_(pa.int32())),
+        "picks_b": pa.array(heads_out["picks_b"], pa.list_(pa.int32())),
+        "basis": pa.array(heads_out["basis"], pa.list_(pa.float32())),
+        "span_covariance": pa.array(heads_out["span_covariance"], pa.list_(pa.float64()))}))
+    return store.update_manifest(textspan={
+        "pool": pool, "texts": len(texts.texts), "m": m, "rank": rank, "floor": floor, "layers": chosen,
+        "stability_k": STABILITY_K, "unstable_below": UNSTABLE_BELOW,
+        "mean_stability": float(stab.mean()) if len(stab) else float("nan"),
+        "unstable_heads": int((stab < UNSTABLE_BELOW).sum())})
+
+
+def _collect(group, res: TextSpanResult, ra: TextSpanResult, rb: TextSpanResult, picks_out, heads_out, dirs) -> None:
+    ve, cum = res.variance_explained.cpu().numpy(), res.cumulative.cpu().numpy()
+    d = res.directions.float().cpu().numpy()
+    for g, (layer, head) in enumerate(group):
+        chosen = res.head_picks(g)
+        for r, j in enumerate(chosen):
+            for k, v in zip(picks_out, (layer, head, r, j, float(ve[g, r]), float(cum[g, r]))):
+                picks_out[k].append(v)
+        dirs.append(d[g, :len(chosen)])
+        for k, v in zip(heads_out, (layer, head, int(res.rank[g]), len(chosen), float(res.total_variance[g]),
+                                    float(cum[g, len(chosen) - 1]) if chosen else 0.0,
+                                    pick_overlap(ra.head_picks(g), rb.head_picks(g)), ra.head_picks(g), rb.head_picks(g))):
+            heads_out[k].append(v)
