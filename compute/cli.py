@@ -96,10 +96,16 @@ def _shapes_card(a: argparse.Namespace) -> None:
     record = SHAPES_WEIGHTS.with_suffix(".json")
     if not record.is_file():
         raise AtlasError(f"no training record at {record}; run `clip-atlas shapes train`")
+    rec = json.loads(record.read_text())
     if a.eval:
-        rec = json.loads(record.read_text())
         rec["ground_truth"] = RunStore(a.eval).manifest().get("shapes_eval") or {}
-        record.write_text(json.dumps(rec, indent=2))
+    if a.validation:
+        try:
+            report = json.loads(Path(a.validation).read_text())
+            rec["validation"] = {"seeds": report["seeds"], "n": report["n"], "summary": report["summary"]}
+        except (OSError, ValueError, KeyError):
+            raise AtlasError(f"{a.validation} is not a report written by `clip-atlas shapes validate`") from None
+    record.write_text(json.dumps(rec, indent=2))
     print(f"wrote {write_card(SHAPES_WEIGHTS)}")
 
 
@@ -180,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_shapes_validate)
     cd = s.add_parser("card", help="rewrite the model card (optionally with a run's ground-truth figures)")
     cd.add_argument("--eval", default=None, help="a run evaluated by `shapes eval`")
+    cd.add_argument("--validation", default=None, help="a report.json written by `shapes validate`")
     cd.set_defaults(func=_shapes_card)
     return p
 

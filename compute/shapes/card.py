@@ -75,6 +75,13 @@ def write_card(weights: Path) -> Path:
     if rec.get("ground_truth"):
         lines += ["", "## Heads (ground-truth evaluation of the demo store, `clip-atlas shapes eval`)", ""]
         lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in rec["ground_truth"].items()]
+    if rec.get("validation"):
+        v = rec["validation"]
+        lines += ["", f"## Validation on fresh seeds (`clip-atlas shapes validate`: seeds {', '.join(map(str, v['seeds']))}, "
+                  f"{v['n']} scenes each, every step with the CLI's defaults)", "",
+                  "| metric | mean | std | min |", "|---|---|---|---|"]
+        lines += [f"| {k} | {x['mean']:.3f} | {x['std']:.3f} | {x['min']:.3f} |" for k, x in v["summary"].items()]
+        lines += ["", "How the defaults were chosen (on other seeds) and what each figure means: docs/labels.md."]
     lines += ["", RECIPE_NOTES]
     out = weights.parent / "MODEL_CARD.md"
     out.write_text("\n".join(lines))
