@@ -27,12 +27,12 @@ def head_moments(store: RunStore, pairs: list[tuple[int, int]], device: torch.de
     for layer, head in pairs:
         a = b = None
         for ids, C in iter_head(store, layer, head):
-            second = half_of(torch.as_tensor(np.array(ids)))
+            second = half_of(torch.as_tensor(np.array(ids))).to(device)
             rows = torch.from_numpy(np.array(C)).to(device)
             if a is None:
                 a, b = Moments.zeros(1, C.shape[1], device), Moments.zeros(1, C.shape[1], device)
-            a.add(rows[~second.to(device)][None])
-            b.add(rows[second.to(device)][None])
+            a.add(rows[~second][None])
+            b.add(rows[second][None])
         halves[0].append(a)
         halves[1].append(b)
     counts = {(m.n, h.n) for m, h in zip(*halves)}
@@ -126,12 +126,12 @@ def _collect(group, res: TextSpanResult, ra: TextSpanResult, rb: TextSpanResult,
     ve, cum = res.variance_explained.cpu().numpy(), res.cumulative.cpu().numpy()
     d = res.directions.float().cpu().numpy()
     for g, (layer, head) in enumerate(group):
-        chosen = res.head_picks(g)
+        chosen, pa_, pb_ = res.head_picks(g), ra.head_picks(g), rb.head_picks(g)
         for r, j in enumerate(chosen):
             for k, v in zip(picks_out, (layer, head, r, j, float(ve[g, r]), float(cum[g, r]))):
                 picks_out[k].append(v)
         dirs.append(d[g, :len(chosen)])
         for k, v in zip(heads_out, (layer, head, int(res.rank[g]), len(chosen), float(res.total_variance[g]),
                                     float(cum[g, len(chosen) - 1]) if chosen else 0.0,
-                                    pick_overlap(ra.head_picks(g), rb.head_picks(g)), ra.head_picks(g), rb.head_picks(g))):
+                                    pick_overlap(pa_, pb_), pa_, pb_)):
             heads_out[k].append(v)

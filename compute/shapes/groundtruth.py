@@ -56,7 +56,7 @@ def specialisation(lifts: dict[str, float]) -> str | None:
     return None
 
 
-def _scene_table(store: RunStore) -> tuple[np.ndarray, list[dict], np.ndarray, np.ndarray]:
+def scene_table(store: RunStore) -> tuple[np.ndarray, list[dict], np.ndarray, np.ndarray]:
     """(image_ids, scene records, masks, scene row of each image) for the run's images, sorted by image_id."""
     from ..heads import read_images
     man = store.manifest()
@@ -71,15 +71,21 @@ def _scene_table(store: RunStore) -> tuple[np.ndarray, list[dict], np.ndarray, n
     return ids, scenes, masks, np.array([row_of[p] for p in paths])
 
 
+def single_object_values(scenes: list[dict], rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(mask of the one-object scenes among `rows`, attribute -> the value of each such scene)."""
+    single = np.array([scenes[r]["n_objects"] == 1 for r in rows])
+    values = {a: np.array([scenes[r]["background"] if a == "background" else scenes[r][f"obj1_{a}"] for r in rows])[single]
+              for a in ATTRIBUTES}
+    return single, values
+
+
 def evaluate_heads(store: RunStore, progress: bool = True) -> pa.Table:
     from ..heads import read_head
     man = store.manifest()
-    ids, scenes, _, rows = _scene_table(store)
-    single = np.array([scenes[r]["n_objects"] == 1 for r in rows])
+    ids, scenes, _, rows = scene_table(store)
+    single, values = single_object_values(scenes, rows)
     if single.sum() < 4 * K:
         raise AtlasError(f"{store.root}: too few one-object scenes ({single.sum()}) to evaluate heads")
-    values = {a: np.array([scenes[r]["background"] if a == "background" else scenes[r][f"obj1_{a}"] for r in rows])[single]
-              for a in ATTRIBUTES}
     chance = {a: chance_level(v) for a, v in values.items()}
     out: dict[str, list] = {k: [] for k in ("layer", "head", "attribute", "precision_at_8", "chance", "lift", "specialised")}
     pairs = [(l, h) for l in man["head_layers"] for h in range(man["heads"])]
@@ -113,7 +119,7 @@ def evaluate_segmentation(store: RunStore, n_images: int = 120, seed: int = 0, p
     from ..models import load_model
     from ..segment import heatmap, iou_at_mean, token_maps, upsample
     man = store.manifest()
-    ids, scenes, masks, rows = _scene_table(store)
+    ids, scenes, masks, rows = scene_table(store)
     paths = read_images(store).column("path").to_pylist()
     loaded = load_model(man["model"])
     pick = random.Random(seed).sample(range(len(ids)), min(n_images, len(ids)))

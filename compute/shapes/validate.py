@@ -24,8 +24,7 @@ import pyarrow.parquet as pq
 
 from ..errors import AtlasError
 from ..store import RunStore, write_json_atomic, write_table_atomic
-from .groundtruth import chance_level
-from .world import ATTRIBUTES
+from .groundtruth import chance_level, scene_table, single_object_values
 
 VALIDATION_SEED_BASE = 101
 P_AT = 4
@@ -55,16 +54,13 @@ def property_precision(store: RunStore, values: dict[str, np.ndarray], single: n
 
 def score_run(run: Path) -> dict[str, float]:
     """The validation figures of one evaluated run (see the module docstring)."""
-    from .groundtruth import _scene_table
     store = RunStore(run)
     summary = store.manifest()["shapes_eval"]
     truth = pq.read_table(store.table_path("shapes_heads")).to_pylist()
     labels = {(r["layer"], r["head"]): r["property"] for r in pq.read_table(store.table_path("properties")).to_pylist()}
     spec = [r for r in truth if r["specialised"]]
-    _, scenes, _, rows = _scene_table(store)
-    single = np.array([scenes[r]["n_objects"] == 1 for r in rows])
-    values = {a: np.array([scenes[r]["background"] if a == "background" else scenes[r][f"obj1_{a}"] for r in rows])[single]
-              for a in ATTRIBUTES}
+    _, scenes, _, rows = scene_table(store)
+    single, values = single_object_values(scenes, rows)
     p4 = property_precision(store, values, single)
     stab = pq.read_table(store.table_path("textspan_heads"), columns=["stability"]).column("stability").to_numpy()
     out = {
