@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import median, timeit, verdict  # noqa: E402
-from compute.decompose import Decomposer, resolve_layers  # noqa: E402
+from compute.maths.decompose import Decomposer, resolve_layers  # noqa: E402
 from compute.job import stack_components  # noqa: E402
 from compute.models import load_model  # noqa: E402
 

@@ -85,7 +85,7 @@ def segmentation_benchmark(spec: str, repeat: int, target_ms: float | None) -> N
     from PIL import Image
 
     from compute.models import load_model
-    from compute.segment import heatmap, token_maps, upsample
+    from compute.maths.segment import heatmap, token_maps, upsample
     loaded = load_model(spec)
     rng = np.random.default_rng(2)
     size = loaded.info.image_size

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import verdict  # noqa: E402
-from compute.textspan import textspan  # noqa: E402
+from compute.maths.textspan import textspan  # noqa: E402
 
 
 def loop_textspan(C: torch.Tensor, T: torch.Tensor, m: int, rank: int) -> list[int]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .decompose import Decomposer, Decomposition, resolve_layers
+from .maths.decompose import Decomposer, Decomposition, resolve_layers
 from .errors import AtlasError
 from .images import BadImage, ImageRef, find_images, load_image
 from .models import LoadedModel, load_model

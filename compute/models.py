@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import AtlasError
+from .maths.decompose import unsupported_reason
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights" / "clip-atlas-shapes.safetensors"
@@ -64,7 +65,7 @@ class LoadedModel:
 
     def decomposer(self, head_layers: tuple[int, ...] = (), token_layers: tuple[int, ...] = ()):
         """A Decomposer for this model, built once per layer selection (its fold matrices cost a few GFLOP)."""
-        from .decompose import Decomposer
+        from .maths.decompose import Decomposer
         key = (tuple(head_layers), tuple(token_layers))
         if key not in self._decomposers:
             self._decomposers[key] = Decomposer(self.model, head_layers=key[0], token_layers=key[1])
@@ -112,31 +113,6 @@ def _quickgelu_arch(arch: str, tag: str | None, available: list[str]) -> tuple[s
     if f"{arch}-quickgelu" in available:
         return f"{arch}-quickgelu", False
     return arch, True
-
-
-def unsupported_reason(model: torch.nn.Module) -> str | None:
-    """Why the direct-effect decomposition does not fit this model's vision tower, or None."""
-    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
-    visual = getattr(model, "visual", None)
-    if visual is None:
-        return "the model has no vision tower"
-    kind = type(visual).__name__
-    if not isinstance(visual, VisionTransformer):
-        why = {"ModifiedResNet": "a ResNet tower (attention pooling over conv features)",
-               "TimmModel": "a timm tower (EVA, SigLIP, ConvNeXt, PE-Core: different blocks and pooling heads)"}
-        return f"its vision tower is {why.get(kind, kind)}; only open_clip VisionTransformer towers decompose"
-    if visual.attn_pool is not None:
-        return "its vision tower ends in an attentional pooler (CoCa-style), which is not a sum of token terms"
-    if visual.pool_type not in ("tok", "avg"):
-        return f"pool_type {visual.pool_type!r} has no single embedding to decompose"
-    blocks = visual.transformer.resblocks
-    if not all(isinstance(b, ResidualAttentionBlock) for b in blocks):
-        return "its blocks use custom attention (qk-norm, scaled cosine, head scales or inner norms)"
-    if any(hasattr(b, "ln_1_kv") for b in blocks):
-        return "its blocks use cross-attention"
-    if not visual.transformer.batch_first:
-        return "its transformer is not batch-first"
-    return None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -183,7 +183,7 @@ def pick_map_heads(run: RunInfo) -> list[tuple[int, int]] | None:
 
 
 def show_heatmap(image: Image.Image, heat, vmin: float, vmax: float, caption: str) -> None:
-    from compute.segment import overlay
+    from compute.maths.segment import overlay
 
     from .charts import colour_bar
     show_image(overlay(image, heat, vmin, vmax), caption)

@@ -12,7 +12,7 @@ from PIL import Image
 from compute.errors import AtlasError
 from compute.images import BadImage, load_image
 from compute.models import LoadedModel, load_model
-from compute.segment import TokenMaps, token_maps
+from compute.maths.segment import TokenMaps, token_maps
 
 #: Uploads above this many pixels are refused (the store's compute job allows more; a page should stay quick).
 MAX_UPLOAD_PIXELS = 40_000_000

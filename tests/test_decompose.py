@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compute.decompose import Decomposer, resolve_layers
+from compute.maths.decompose import Decomposer, resolve_layers
 from compute.errors import AtlasError
-from compute.models import unsupported_reason
+from compute.maths.decompose import unsupported_reason
 
 from .conftest import random_model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compute.errors import AtlasError
-from compute.textspan import Moments, half_of, pick_overlap, reference_textspan, textspan
+from compute.maths.textspan import Moments, half_of, pick_overlap, reference_textspan, textspan
 from compute.texts import load_pool
 
 
@@ -125,7 +125,7 @@ def test_pick_overlap():
 @pytest.fixture(scope="module")
 def vit_b32_heads():
     """The last layer's 12 heads of a random-init ViT-B-32 (biases and LayerNorm gains perturbed), 96 images."""
-    from compute.decompose import Decomposer
+    from compute.maths.decompose import Decomposer
 
     from .conftest import random_model
     model = random_model("ViT-B-32")

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..errors import AtlasError
 from ..heads import iter_head
 from ..store import RunStore, vectors
-from ..textspan import (PICK_FLOOR, STABILITY_K, UNSTABLE_BELOW, Moments, TextSpanResult, half_of, pick_overlap,
+from ..maths.textspan import (PICK_FLOOR, STABILITY_K, UNSTABLE_BELOW, Moments, TextSpanResult, half_of, pick_overlap,
                         textspan_from_moments)
 
 DEFAULT_M = 10      # chosen on tuning seeds: docs/textspan.md
@@ -50,7 +50,7 @@ def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = D
                  device: str = "auto", heads_per_batch: int = 16, floor: float = PICK_FLOOR,
                  progress: bool = True) -> dict:
     """Writes RUN/texts.parquet, RUN/textspan.parquet (picks) and RUN/textspan_heads.parquet (per-head summary)."""
-    from ..decompose import resolve_layers
+    from ..maths.decompose import resolve_layers
     from ..job import pick_device
     from ..models import load_model
     from ..texts import load_pool

@@ -117,7 +117,7 @@ def evaluate_segmentation(store: RunStore, n_images: int = 120, seed: int = 0, p
 
     from ..heads import read_images
     from ..models import load_model
-    from ..segment import heatmap, iou_at_mean, token_maps, upsample
+    from ..maths.segment import heatmap, iou_at_mean, token_maps, upsample
     man = store.manifest()
     ids, scenes, masks, rows = scene_table(store)
     paths = read_images(store).column("path").to_pylist()

@@ -1,7 +1,7 @@
 """Text A against text B on one image: the two difference maps on one shared scale."""
 import streamlit as st
 
-from compute.segment import contrastive, symmetric_range
+from compute.maths.segment import contrastive, symmetric_range
 
 from dashboard import live
 from dashboard.common import start_page, param, pick_image, pick_map_heads, set_params, show_errors, show_heatmap, show_image

@@ -1,7 +1,7 @@
 """Where in the image does one head (or all) write the direction of a text?"""
 import streamlit as st
 
-from compute.segment import heatmap, symmetric_range
+from compute.maths.segment import heatmap, symmetric_range
 
 from dashboard import live
 from dashboard.common import start_page, param, pick_image, pick_map_heads, set_params, show_errors, show_heatmap, show_image

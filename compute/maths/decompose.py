@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import AtlasError
+from ..errors import AtlasError
 
 COMPONENT_KINDS = ("embed", "attn", "attn_bias", "mlp", "ln_bias")
 
@@ -77,11 +77,35 @@ def resolve_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]
     return sorted(out)
 
 
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the direct-effect decomposition does not fit this model's vision tower, or None."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        return "the model has no vision tower"
+    kind = type(visual).__name__
+    if not isinstance(visual, VisionTransformer):
+        why = {"ModifiedResNet": "a ResNet tower (attention pooling over conv features)",
+               "TimmModel": "a timm tower (EVA, SigLIP, ConvNeXt, PE-Core: different blocks and pooling heads)"}
+        return f"its vision tower is {why.get(kind, kind)}; only open_clip VisionTransformer towers decompose"
+    if visual.attn_pool is not None:
+        return "its vision tower ends in an attentional pooler (CoCa-style), which is not a sum of token terms"
+    if visual.pool_type not in ("tok", "avg"):
+        return f"pool_type {visual.pool_type!r} has no single embedding to decompose"
+    blocks = visual.transformer.resblocks
+    if not all(isinstance(b, ResidualAttentionBlock) for b in blocks):
+        return "its blocks use custom attention (qk-norm, scaled cosine, head scales or inner norms)"
+    if any(hasattr(b, "ln_1_kv") for b in blocks):
+        return "its blocks use cross-attention"
+    if not visual.transformer.batch_first:
+        return "its transformer is not batch-first"
+    return None
+
+
 class Decomposer:
     """Runs the vision tower block by block and returns a `Decomposition` per batch."""
 
     def __init__(self, model: torch.nn.Module, head_layers: Iterable[int] = (), token_layers: Iterable[int] = ()):
-        from .models import unsupported_reason
         reason = unsupported_reason(model)
         if reason:
             raise AtlasError(f"cannot decompose: {reason}")

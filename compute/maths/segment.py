@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .models import LoadedModel
+if TYPE_CHECKING:  # the model loader sits above maths/
+    from ..models import LoadedModel
 
 
 @dataclass
@@ -20,7 +22,7 @@ class TokenMaps:
 
 
 @torch.no_grad()
-def token_maps(loaded: LoadedModel, image: Image.Image, layers: list[int] | None = None) -> TokenMaps:
+def token_maps(loaded: "LoadedModel", image: Image.Image, layers: list[int] | None = None) -> TokenMaps:
     layers = list(range(loaded.info.layers)) if layers is None else layers
     pixels = loaded.preprocess(image)[None].to(loaded.device)
     d = loaded.decomposer(token_layers=tuple(layers))(pixels)

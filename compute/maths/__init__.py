@@ -1,0 +1,1 @@
+"""Pure tensor maths, no files: the decomposition, TextSpan, token heatmaps, saliency baselines, segmentation metrics."""
