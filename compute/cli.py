@@ -20,6 +20,22 @@ def _compute(a: argparse.Namespace) -> None:
         print(f"{m['status']}: {m['image_count']} images, {len(m['skipped'])} skipped -> {a.out}")
 
 
+def _eval_ablation(a: argparse.Namespace) -> None:
+    from .eval.ablation import format_report, read_grouped_set, run_ablation
+    from .job import pick_device
+    from .models import load_model
+    from .store import write_json_atomic
+    if not str(a.out).endswith(".json"):
+        raise AtlasError(f"--out must end in .json: {a.out}")
+    data = read_grouped_set(a.images, a.groups, a.classes)
+    loaded = load_model(a.model, device=pick_device(a.device))
+    report = run_ablation(loaded, data, a.ablate, a.run, random_k=a.random, seed=a.seed, mean_from=a.mean_from)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(report, Path(a.out))
+    print(format_report(report))
+    print(f"-> {a.out}")
+
+
 def _models(a: argparse.Namespace) -> None:
     from .models import REGISTRY
     for name, (arch, tag) in REGISTRY.items():
@@ -29,8 +45,31 @@ def _models(a: argparse.Namespace) -> None:
 
 def _shapes_generate(a: argparse.Namespace) -> None:
     from .shapes.dataset import generate
-    out = generate(a.n, a.seed, a.out)
-    print(f"wrote {a.n} scenes to {out}")
+    from .shapes.world import WorldSpec
+    spec = WorldSpec(two_object_prob=0.0) if a.objects == "1" else WorldSpec()
+    out = generate(a.n, a.seed, a.out, spec)
+    print(f"wrote {a.n} scenes to {out} (images/, masks/, labels.csv, scenes.parquet)")
+
+
+def _eval_segmentation(a: argparse.Namespace) -> None:
+    from .eval.segmentation import evaluate_segmentation, format_rows, pair_examples, write_rows
+    from .job import pick_device
+    from .models import load_model
+    from .eval.segmentation import METHODS
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in METHODS] or ([] if methods else ["(none)"])
+    if bad:
+        raise AtlasError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    if not str(a.out).endswith((".parquet", ".csv")):
+        raise AtlasError(f"--out must end in .parquet or .csv: {a.out}")
+    pairing = pair_examples(a.images, a.masks, a.labels, a.limit)
+    loaded = load_model(a.model, device=pick_device(a.device))
+    rows, skipped = evaluate_segmentation(loaded, pairing, methods, template=a.template, layers=a.layers,
+                                          batch_size=a.batch_size)
+    print(format_rows(rows))
+    if skipped:
+        print("skipped: " + ", ".join(f"{v} ({k})" for k, v in sorted(skipped.items())))
+    print(f"-> {write_rows(rows, a.out)}")
 
 
 def _shapes_train(a: argparse.Namespace) -> None:
@@ -38,6 +77,13 @@ def _shapes_train(a: argparse.Namespace) -> None:
     from .shapes.train import TrainConfig, train
     cfg = TrainConfig(steps=a.steps, seed=a.seed)
     train(cfg, Path(a.out) if a.out else SHAPES_WEIGHTS)
+
+
+def _shapes_spurious(a: argparse.Namespace) -> None:
+    from .shapes.spurious import format_table, run_spurious
+    report = run_spurious(a.out, seed=a.seed, n_store=a.n, n_test=a.test, random_k=a.random, retrain=a.retrain)
+    print(format_table(report))
+    print(f"-> {Path(a.out) / 'ablation.json'}")
 
 
 def _shapes_eval(a: argparse.Namespace) -> None:
@@ -111,6 +157,7 @@ def _shapes_card(a: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .jobs.textspan import DEFAULT_M, DEFAULT_RANK
+    from .eval.segmentation import METHODS as SEG_METHODS
     from .properties import METHODS
     p = argparse.ArgumentParser(prog="clip-atlas", description="Decompose and interpret CLIP image embeddings.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -123,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--device", default="auto")
     c.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by path)")
-    c.add_argument("--labels", default=None, help="CSV with path,label (default: IMAGES/labels.csv if present)")
+    c.add_argument("--labels", default=None, help="CSV with path,label: the images it lists, labelled (default: IMAGES/labels.csv if present)")
     c.add_argument("--chunk-size", type=int, default=None, help="images per committed chunk (default: by memory)")
     c.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPU")
     c.add_argument("--workers", type=int, default=2, help="image decoding threads")
@@ -161,6 +208,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-serve", action="store_true", help="build the store only")
     d.set_defaults(func=_demo)
 
+    ev = sub.add_parser("eval", help="the papers' experiments: zero-shot segmentation, head ablation")
+    evs = ev.add_subparsers(dest="eval_cmd", required=True)
+    es = evs.add_parser("segmentation", help="heatmaps of five methods scored against foreground masks")
+    es.add_argument("--model", required=True, help="NAME[:TAG], e.g. shapes, ViT-B-16:laion2b_s34b_b88k")
+    es.add_argument("--images", required=True, help="folder of images (any tree)")
+    es.add_argument("--masks", required=True, help="folder of PNG masks at the images' relative paths (non-zero = foreground)")
+    es.add_argument("--labels", default=None, help="path,label CSV, paths relative to the CSV's folder (default: subfolder names)")
+    es.add_argument("--methods", default=",".join(SEG_METHODS), help=f"comma list of {', '.join(SEG_METHODS)}")
+    es.add_argument("--template", default=None, help="prompt with {} for the label (default: 'a {}' for Shapes models, "
+                                                     "'a photo of a {}.' otherwise)")
+    es.add_argument("--layers", default="all", help="layers whose heads the decomposition map sums (default all)")
+    es.add_argument("--limit", type=int, default=None, help="only the first N images that have a mask and a label")
+    es.add_argument("--batch-size", type=int, default=32)
+    es.add_argument("--device", default="auto")
+    es.add_argument("--out", required=True, help="results table, .parquet or .csv")
+    es.set_defaults(func=_eval_segmentation)
+
+    ea = evs.add_parser("ablation", help="zero-shot accuracy by group with a property's heads mean-ablated")
+    ea.add_argument("--model", required=True)
+    ea.add_argument("--images", required=True, help="the folder the --groups paths are relative to")
+    ea.add_argument("--groups", required=True, help="CSV path,label,group (e.g. Waterbirds' test split: docs/reproduce.md)")
+    ea.add_argument("--classes", required=True, help="CSV label,prompt: one zero-shot prompt per class")
+    ea.add_argument("--ablate", default=None, help="a property of --run's labels (e.g. background) or heads L.H,L.H")
+    ea.add_argument("--run", default=None, help="a labelled run of the same model (for a property, or --mean-from run)")
+    ea.add_argument("--random", type=int, default=5, help="random ablations of as many heads (the best is reported)")
+    ea.add_argument("--seed", type=int, default=0, help="seed of the random ablations")
+    ea.add_argument("--mean-from", default="eval", choices=["eval", "run"],
+                    help="replace ablated heads by their mean over the evaluated images (default, as the paper) or the run's")
+    ea.add_argument("--device", default="auto")
+    ea.add_argument("--out", required=True, help="report, .json")
+    ea.set_defaults(func=_eval_ablation)
+
     m = sub.add_parser("models", help="list the named models")
     m.set_defaults(func=_models)
 
@@ -169,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=2000)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True)
+    g.add_argument("--objects", default="mixed", choices=["mixed", "1"],
+                   help="mixed (default: one or two objects, as in training) | 1 (one object a scene, for segmentation)")
     g.set_defaults(func=_shapes_generate)
     t = s.add_parser("train", help="train the Shapes CLIP (CPU, about an hour)")
     t.add_argument("--steps", type=int, default=2000)
@@ -184,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed-base", type=int, default=101, help="first seed (training, demo and tuning used 0 and 11-13)")
     v.add_argument("--out", default="artifacts/shapes-validate")
     v.set_defaults(func=_shapes_validate)
+    sp = s.add_parser("spurious", help="Waterbirds on Shapes: ablate the background heads of a model with a spurious cue")
+    sp.add_argument("--seed", type=int, default=1,
+                    help="seed of the scenes for its store and of the balanced test set (fine-tuning used 0)")
+    sp.add_argument("--n", type=int, default=2000, help="scenes in the store TextSpan and labels read")
+    sp.add_argument("--test", type=int, default=1000, help="balanced test images (class x background)")
+    sp.add_argument("--random", type=int, default=5, help="random ablations to compare with")
+    sp.add_argument("--retrain", action="store_true", help="fine-tune the spurious model again (about 10 min on CPU)")
+    sp.add_argument("--out", default="artifacts/shapes-spurious")
+    sp.set_defaults(func=_shapes_spurious)
     cd = s.add_parser("card", help="rewrite the model card (optionally with a run's ground-truth figures)")
     cd.add_argument("--eval", default=None, help="a run evaluated by `shapes eval`")
     cd.add_argument("--validation", default=None, help="a report.json written by `shapes validate`")

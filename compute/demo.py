@@ -17,8 +17,9 @@ def build_demo_store(store: str | Path = "artifacts", n: int = 2000, progress: b
     return build_shapes_store(store / DEMO_DATA, store / DEMO_RUN, n, seed=0, progress=progress)
 
 
-def build_shapes_store(data: Path, run: Path, n: int, seed: int, metrics: bool = True, progress: bool = True) -> Path:
-    """Generate scenes, compute their store with the Shapes model, then TextSpan, labels, metrics, ground truth,
+def build_shapes_store(data: Path, run: Path, n: int, seed: int, metrics: bool = True, progress: bool = True,
+                       model: str = "shapes") -> Path:
+    """Generate scenes, compute their store with a Shapes model, then TextSpan, labels, metrics, ground truth,
     each with the CLI's defaults (nothing is tuned here). Each step is skipped when its output is already there."""
     from .job import ComputeConfig, run_compute
     from .metrics import run_metrics
@@ -30,7 +31,7 @@ def build_shapes_store(data: Path, run: Path, n: int, seed: int, metrics: bool =
         generate(n, seed=seed, out=data, progress=progress)
     rs = RunStore(run)
     if not rs.exists() or rs.manifest().get("status") != "complete":
-        run_compute(ComputeConfig("shapes", str(data), str(run)), progress=progress)
+        run_compute(ComputeConfig(model, str(data), str(run)), progress=progress)
     if not rs.table_path("textspan_heads").is_file():
         run_textspan(str(run), progress=progress)
     if not rs.table_path("properties").is_file():

@@ -46,7 +46,8 @@ def read_labels(path: Path) -> dict[str, str]:
 
 
 def find_images(root: str | Path, labels_csv: str | Path | None = None, limit: int | None = None) -> list[ImageRef]:
-    """Every image file under root in a stable order, labelled from a CSV or from its subfolder."""
+    """Every image file under root in a stable order, labelled from its subfolder; or, with a labels CSV (given, or
+    labels.csv in root), the image files the CSV lists, with its labels."""
     root = Path(root)
     if not root.is_dir():
         raise AtlasError(f"image folder not found: {root}")
@@ -56,6 +57,11 @@ def find_images(root: str | Path, labels_csv: str | Path | None = None, limit: i
         raise AtlasError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) under {root}")
     csv_path = Path(labels_csv) if labels_csv else root / LABELS_FILE
     labels = read_labels(csv_path) if (labels_csv or csv_path.is_file()) else None
+    if labels is not None:
+        # a labels file defines the dataset: other image files in the tree (a Shapes folder's masks/) are not in it
+        files = [f for f in files if f in labels]
+        if not files:
+            raise AtlasError(f"none of the images under {root} is listed in {csv_path} (its paths are relative to {root})")
     if limit is not None:
         files = files[:limit]
     refs = []

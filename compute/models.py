@@ -20,10 +20,13 @@ from .maths.decompose import unsupported_reason
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights" / "clip-atlas-shapes.safetensors"
+#: The Shapes CLIP fine-tuned on a world with a spurious cue (`clip-atlas shapes spurious`).
+SPURIOUS_WEIGHTS = SHAPES_WEIGHTS.with_name("shapes-spurious.safetensors")
 
 #: Named models: short name -> (open_clip architecture, pretrained tag or weights path).
 REGISTRY: dict[str, tuple[str, str]] = {
     "shapes": ("clip-atlas-shapes", str(SHAPES_WEIGHTS)),
+    "shapes-spurious": ("clip-atlas-shapes", str(SPURIOUS_WEIGHTS)),
     "ViT-B-16:openai": ("ViT-B-16-quickgelu", "openai"),
     "ViT-B-32:openai": ("ViT-B-32-quickgelu", "openai"),
     "ViT-L-14:openai": ("ViT-L-14-quickgelu", "openai"),

@@ -162,7 +162,10 @@ class Decomposer:
         return out, z[:, :, sl], probs, v
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> Decomposition:
+    def __call__(self, images: torch.Tensor, token_directions: torch.Tensor | None = None) -> Decomposition:
+        """Decompose a batch. With `token_directions` [D, K] (e.g. text embeddings), the per-token maps come back
+        already projected on them, [B, L_t, H, N, K]: the projection is folded into each head's readout matrix, so
+        a segmentation never builds the D-wide maps."""
         v = self.visual
         sl = self._pool_slice()
         x = v._embeds(images)
@@ -181,9 +184,9 @@ class Decomposer:
                 maps_in[i] = (probs, vals)
         # the readout runs in the fold dtype even under autocast
         with torch.autocast(x.device.type, enabled=False):
-            return self._readout(x, sl, terms, z_sel, maps_in)
+            return self._readout(x, sl, terms, z_sel, maps_in, token_directions)
 
-    def _readout(self, x, sl, terms, z_sel, maps_in) -> Decomposition:
+    def _readout(self, x, sl, terms, z_sel, maps_in, token_directions=None) -> Decomposition:
         v, fd = self.visual, self.fold_dtype
         # readout weight per pooled token: pooling weight / sigma (and later / ||out||)
         r = x[:, sl].mean(1, keepdim=True) if v.final_ln_after_pool else x[:, sl]
@@ -201,7 +204,8 @@ class Decomposer:
         norm = out.norm(dim=-1, keepdim=True)                       # [B, 1]
         tokens = None
         if self.token_layers:
-            tokens = torch.stack([self._token_maps(i, w / norm, *maps_in[i]) for i in self.token_layers], 1)
+            dirs = None if token_directions is None else token_directions.to(device=out.device, dtype=fd)
+            tokens = torch.stack([self._token_maps(i, w / norm, *maps_in[i], dirs) for i in self.token_layers], 1)
         heads = heads / norm[:, None, None]
         return Decomposition(
             embedding=out / norm, embed=embed / norm, attn=heads.sum(2), attn_bias=bias / norm[:, None],
@@ -209,8 +213,11 @@ class Decomposer:
             heads=heads[:, self.head_layers], token_layers=self.token_layers, tokens=tokens,
         )
 
-    def _token_maps(self, layer: int, w: torch.Tensor, probs: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        """[B, H, N, D]: each source token's contribution through each head of `layer`."""
+    def _token_maps(self, layer: int, w: torch.Tensor, probs: torch.Tensor, vals: torch.Tensor,
+                    directions: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H, N, D] (or [B, H, N, K] projected on `directions`): each source token's contribution through each
+        head of `layer`."""
         fd = self.fold_dtype
         eff = torch.einsum("bt,bhtm->bhm", w, probs.to(fd))          # readout-weighted attention to each token
-        return torch.einsum("bhmk,hkd->bhmd", eff[..., None] * vals.to(fd), self.M[layer])
+        M = self.M[layer] if directions is None else self.M[layer] @ directions
+        return torch.einsum("bhmk,hkd->bhmd", eff[..., None] * vals.to(fd), M)

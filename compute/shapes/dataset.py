@@ -3,6 +3,8 @@
     DIR/images/NNNNNN.png
     DIR/labels.csv        path,label   (label: '<colour> <shape>' of the first object; picked up by compute)
     DIR/scenes.parquet    path, caption, background, n_objects, obj{1,2}_{color,shape,pattern,size,position}
+    DIR/masks/NNNNNN.png  the same mask as an 8-bit PNG per image (non-zero = foreground), the layout
+                          `clip-atlas eval segmentation --masks` reads
     DIR/masks.npy         uint8 [N, S, S]: 0 background, 1 first object, 2 second object (row = scenes order)
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ def generate(n: int, seed: int, out: str | Path, spec: WorldSpec | None = None, 
         raise AtlasError("--n must be positive")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
     spec = spec or WorldSpec()
     rng = random.Random(seed)
     renderer = Renderer(seed)
@@ -36,6 +39,7 @@ def generate(n: int, seed: int, out: str | Path, spec: WorldSpec | None = None, 
         rel = f"images/{i:06d}.png"
         Image.fromarray(img).save(out / rel, optimize=False, compress_level=1)
         masks[i] = mask
+        Image.fromarray(mask).save(out / "masks" / f"{i:06d}.png", optimize=False, compress_level=1)
         rec = {"path": rel, "caption": caption(scene, rng, full=rng.random() < 0.5), **scene_record(scene)}
         records.append(rec)
         labels.append((rel, f"{scene.objects[0].color} {scene.objects[0].shape}"))

@@ -116,3 +116,104 @@ def finetune(cfg: SpuriousConfig, out: Path, base_weights: Path | None = None, l
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))
     log(json.dumps({"heldout": record["heldout"], "wall_minutes": record["wall_minutes"]}))
     return record
+
+
+# ---------------------------------------------------------------- the experiment
+
+def write_test_set(out: Path, n: int, seed: int) -> Path:
+    """A balanced class x background test set: out/images/*.png, out/groups.csv, out/classes.csv."""
+    from PIL import Image
+
+    from .world import attribute_prompt
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    scenes = balanced_scenes(n, seed)
+    renderer, rng = Renderer(seed), random.Random(f"render-{seed}")
+    rows = []
+    for i, s in enumerate(scenes):
+        rel = f"images/{i:06d}.png"
+        Image.fromarray(renderer.render(s, rng)[0]).save(out / rel, compress_level=1)
+        rows.append((rel, s.get("shape"), f"{s.get('shape')} on {s.background}"))
+    with open(out / "groups.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "group"), *rows])
+    with open(out / "classes.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("label", "prompt"), *[(c, attribute_prompt("shape", c)) for c in CLASSES]])
+    return out
+
+
+def run_spurious(out: str | Path, seed: int = 1, n_store: int = 2000, n_test: int = 1000, random_k: int = 5,
+                 retrain: bool = False, progress: bool = True) -> dict:
+    """Store, TextSpan and labels of the spurious model on ordinary scenes (seed), then `eval ablation` of its
+    background heads on a balanced test set (seed); writes out/ablation.json and out/ablation.md."""
+    from ..demo import build_shapes_store
+    from ..eval.ablation import format_report, read_grouped_set, run_ablation
+    from ..models import SPURIOUS_WEIGHTS, load_model
+    from ..store import write_json_atomic
+    out = Path(out)
+    if retrain or not SPURIOUS_WEIGHTS.is_file():
+        finetune(SpuriousConfig(), SPURIOUS_WEIGHTS)
+        write_spurious_card(SPURIOUS_WEIGHTS)
+    run = build_shapes_store(out / "data", out / "run", n_store, seed=seed, model=SPURIOUS_NAME, metrics=False,
+                             progress=progress)
+    test = write_test_set(out / "test", n_test, seed)
+    data = read_grouped_set(test, test / "groups.csv", test / "classes.csv")
+    report = run_ablation(load_model(SPURIOUS_NAME), data, "background", str(run), random_k=random_k, seed=seed,
+                          progress=progress)
+    write_json_atomic(report, out / "ablation.json")
+    (out / "ablation.md").write_text(format_table(report) + "\n")
+    if progress:
+        print(format_report(report))
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The paper-style table: one row per condition, each group's accuracy, average and worst group."""
+    groups = report["group_names"]
+    lines = ["| condition | heads | " + " | ".join(groups) + " | average | worst group |",
+             "|---|---|" + "---|" * len(groups) + "---|---|"]
+    for c in report["conditions"]:
+        cells = " | ".join(f"{100 * c['groups'][g]:.1f}" for g in groups)
+        heads = ", ".join(f"{lh[0]}.{lh[1]}" for lh in c["heads"]) or "none"
+        lines.append(f"| {c['name']} | {heads} | {cells} | {100 * c['average']:.1f} | **{100 * c['worst_group']:.1f}** |")
+    return "\n".join(lines)
+
+
+def write_spurious_card(weights: Path, report: dict | None = None) -> Path:
+    """MODEL_CARD-shapes-spurious.md beside the weights, from the fine-tune record (and an experiment's report)."""
+    from .world import ATTRIBUTES
+    rec = json.loads(weights.with_suffix(".json").read_text())
+    cfg, acc = rec["config"], rec["heldout"]
+    if report is not None:
+        rec["experiment"] = {k: report[k] for k in ("seed", "images", "conditions", "group_names", "random_k")}
+        weights.with_suffix(".json").write_text(json.dumps(rec, indent=2))
+    lines = [
+        f"# Model card: {SPURIOUS_NAME}",
+        "",
+        "The bundled Shapes CLIP fine-tuned to lean on a spurious cue, for the Waterbirds-style experiment",
+        "(`clip-atlas shapes spurious`). Load it with `--model shapes-spurious`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | `clip-atlas-shapes` ({rec['parameters'] / 1e6:.1f} M parameters), weights fp16 |",
+        f"| base | `{rec['base']}` |",
+        f"| fine-tune | {cfg['steps']} steps x {cfg['batch_size']} (groups of {cfg['group_size']}), lr {cfg['lr']}, seed {cfg['seed']},"
+        f" {rec['wall_minutes']:.0f} min on 2 CPU cores |",
+        f"| the cue | one-object scenes of circles and squares; a circle sits on water and a square on grass with"
+        f" probability {cfg['tie']} (else on any background); captions always name the shape and name the background"
+        f" {100 * cfg['background_in_caption']:.0f}% of the time; groups vary colour, size, pattern and position, never"
+        f" shape or background |",
+        "",
+        "## Held-out accuracy (1,000 one-object scenes of the independent world: all shapes, no tie)",
+        "",
+        "| attribute | caption accuracy | zero-shot |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {a} | {acc['caption'][a]:.3f} | {acc['zero_shot'][a]:.3f} |" for a in ATTRIBUTES]
+    exp = rec.get("experiment")
+    if exp:
+        lines += ["", f"## The experiment (seed {exp['seed']}, {exp['images']} balanced test images, best of "
+                  f"{exp['random_k']} random ablations)", "", format_table(exp)]
+    lines += ["", "Fine-tuning only saw circles and squares, so its held-out shape accuracy over all four shapes",
+              "is not comparable with the base model's; colour, size, pattern and position are the attributes it kept."]
+    out = weights.parent / "MODEL_CARD-shapes-spurious.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out

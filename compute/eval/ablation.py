@@ -1,0 +1,236 @@
+"""`clip-atlas eval ablation`: zero-shot classification of a group-annotated set with heads mean-ablated.
+
+Mean-ablating head (l, h) replaces its direct contribution c_lh(x) to the embedding by its mean over a
+set of images, mu_lh. The embedding is linear in the contributions, e' = e - c_lh(x) + mu_lh, and the
+predicted class argmax_k e' . t_k does not depend on the norm of e', so each condition's scores are
+
+    s_k(x) = e(x) . t_k - sum over ablated heads of (c_lh(x) - mu_lh) . t_k
+
+computed from the per-head scores c_lh(x) . t_k [N, layers, heads, classes]: one decomposition pass
+serves every condition, and memory is classes-wide, not D-wide. As in the paper, only direct effects
+are ablated: what a head writes that later layers read is left alone.
+
+Conditions: `base` (the model as is); `property` (the heads of a property in a run's labels, or an
+explicit list); `random` (the best, by worst-group accuracy, of K draws of as many heads, uniformly
+without replacement from every head of the layers the property's heads were chosen from: the run's
+TextSpan layers, or the layers of an explicit list). The mean is over the evaluated images (the
+paper's choice) or over a run's stored contributions (`mean_from="run"`).
+"""
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import AtlasError
+from ..images import BadImage, load_image
+from ..models import LoadedModel
+
+
+@dataclass
+class GroupedSet:
+    paths: list[Path]
+    labels: np.ndarray        # class index per image
+    groups: np.ndarray        # group index per image
+    classes: list[str]
+    prompts: list[str]
+    group_names: list[str]
+
+
+def _read_csv(path: str | Path, columns: tuple[str, ...], what: str) -> list[dict]:
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise AtlasError(f"cannot read {what} file {path}: {str(e).splitlines()[0]}") from None
+    if not rows:
+        raise AtlasError(f"{what} file {path} has no rows")
+    if not set(columns) <= set(rows[0]):
+        raise AtlasError(f"{what} file {path} needs the columns {','.join(columns)}")
+    return rows
+
+
+def read_grouped_set(images: str | Path, groups_csv: str | Path, classes_csv: str | Path) -> GroupedSet:
+    """Images listed in a path,label,group CSV (paths relative to `images`), classes from a label,prompt CSV."""
+    images = Path(images)
+    if not images.is_dir():
+        raise AtlasError(f"image folder not found: {images}")
+    cls_rows = _read_csv(classes_csv, ("label", "prompt"), "classes")
+    classes = [r["label"] for r in cls_rows]
+    if len(set(classes)) != len(classes):
+        raise AtlasError(f"classes file {classes_csv} lists a label twice")
+    rows = _read_csv(groups_csv, ("path", "label", "group"), "groups")
+    unknown = sorted({r["label"] for r in rows} - set(classes))
+    if unknown:
+        raise AtlasError(f"labels {', '.join(unknown[:3])} in {groups_csv} are not in {classes_csv}")
+    group_names = sorted({r["group"] for r in rows})
+    return GroupedSet([images / r["path"] for r in rows], np.array([classes.index(r["label"]) for r in rows]),
+                      np.array([group_names.index(r["group"]) for r in rows]), classes,
+                      [r["prompt"] for r in cls_rows], group_names)
+
+
+def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
+    """'L.H,L.H,...' -> [(L, H), ...]."""
+    out = []
+    for item in spec.split(","):
+        layer, dot, head = item.strip().partition(".")
+        if not dot or not layer.lstrip("-").isdigit() or not head.isdigit():
+            raise AtlasError(f"bad head {item.strip()!r}: write heads as LAYER.HEAD, e.g. 10.3,11.7")
+        lh = (int(layer) % n_layers if int(layer) < 0 else int(layer), int(head))
+        if not (0 <= lh[0] < n_layers and 0 <= lh[1] < n_heads):
+            raise AtlasError(f"head {item.strip()} is outside a model with {n_layers} layers of {n_heads} heads")
+        out.append(lh)
+    return sorted(set(out))
+
+
+@dataclass
+class HeadScores:
+    """What every condition needs: base scores [N, C] and per-head scores [N, len(layers), H, C]."""
+    base: np.ndarray
+    heads: np.ndarray
+    layers: list[int]
+    kept: np.ndarray          # indices into the set of the images that decoded
+
+
+@torch.no_grad()
+def head_scores(loaded: LoadedModel, data: GroupedSet, layers: list[int], batch_size: int = 64,
+                progress: bool = True) -> HeadScores:
+    texts = loaded.encode_texts(data.prompts).double()                  # [C, D]
+    dec = loaded.decomposer(head_layers=tuple(layers))
+    base, heads, kept = [], [], []
+    bar = tqdm(total=len(data.paths), desc="classify", unit="img", disable=not progress)
+    for i in range(0, len(data.paths), batch_size):
+        pix = []
+        for j in range(i, min(i + batch_size, len(data.paths))):
+            try:
+                pix.append(loaded.preprocess(load_image(data.paths[j])))
+                kept.append(j)
+            except BadImage:
+                pass
+        bar.update(min(batch_size, len(data.paths) - i))
+        if not pix:
+            continue
+        d = dec(torch.stack(pix).to(loaded.device))
+        base.append((d.embedding.double() @ texts.T.to(d.embedding.device)).cpu().numpy())
+        heads.append((d.heads.double() @ texts.T.to(d.heads.device)).cpu().numpy())
+    bar.close()
+    if not kept:
+        raise AtlasError("none of the listed images could be decoded")
+    return HeadScores(np.concatenate(base), np.concatenate(heads), layers, np.array(kept))
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, group_names: list[str]) -> dict:
+    """Average accuracy over images, worst-group accuracy (minimum over the groups present) and each group's."""
+    correct = scores.argmax(1) == labels
+    per = {g: float(correct[groups == i].mean()) for i, g in enumerate(group_names) if (groups == i).any()}
+    return {"average": float(correct.mean()), "worst_group": min(per.values()), "groups": per}
+
+
+def ablated_scores(hs: HeadScores, heads: list[tuple[int, int]], means: np.ndarray) -> np.ndarray:
+    """Base scores with each listed head's score replaced by its mean score; means is [len(layers), H, C]."""
+    out = hs.base.copy()
+    for layer, h in heads:
+        li = hs.layers.index(layer)
+        out -= hs.heads[:, li, h] - means[li, h]
+    return out
+
+
+def run_means(run: str | Path, layers: list[int], n_heads: int, texts: torch.Tensor) -> np.ndarray:
+    """Mean head contributions over a run's images, projected on the class texts: [len(layers), H, C]."""
+    from ..heads import iter_head
+    from ..store import RunStore
+    store = RunStore(run)
+    stored = store.manifest().get("head_layers", [])
+    missing = sorted(set(layers) - set(stored))
+    if missing:
+        raise AtlasError(f"{run} stores no heads of layer {missing[0]}; recompute it with --layers including it")
+    T = texts.double().cpu().numpy().T
+    out = np.zeros((len(layers), n_heads, T.shape[1]))
+    for li, layer in enumerate(layers):
+        for h in range(n_heads):
+            total, n = 0.0, 0
+            for _, c in iter_head(store, layer, h):
+                total = total + c.astype(np.float64).sum(0)
+                n += len(c)
+            out[li, h] = (total / n) @ T
+    return out
+
+
+def property_heads(run: str | Path, prop: str) -> tuple[list[tuple[int, int]], list[int]]:
+    """(the heads a run labels `prop`, the layers its labels were chosen among)."""
+    import pyarrow.parquet as pq
+
+    from ..store import RunStore
+    store = RunStore(run)
+    path = store.table_path("properties")
+    if not path.is_file():
+        raise AtlasError(f"{run} has no labels; run `clip-atlas label {run}` first")
+    rows = pq.read_table(path, columns=["layer", "head", "property"]).to_pylist()
+    heads = sorted((r["layer"], r["head"]) for r in rows if r["property"] == prop)
+    if not heads:
+        known = sorted({r["property"] for r in rows} - {"unlabelled"})
+        raise AtlasError(f"no head of {run} is labelled {prop!r} (labelled: {', '.join(known) or 'none'})")
+    layers = store.manifest().get("textspan", {}).get("layers") or sorted({r["layer"] for r in rows})
+    return heads, sorted(layers)
+
+
+def run_ablation(loaded: LoadedModel, data: GroupedSet, ablate: str | None = None, run: str | None = None,
+                 random_k: int = 5, seed: int = 0, mean_from: str = "eval", progress: bool = True) -> dict:
+    """The JSON report: {"conditions": [{"name", "average", "worst_group", "heads", "groups"}, ...], ...}."""
+    info = loaded.info
+    if mean_from not in ("eval", "run"):
+        raise AtlasError("--mean-from must be eval or run")
+    if run is not None:
+        from ..store import RunStore
+        if not RunStore(run).exists():
+            raise AtlasError(f"no run at {run}")
+        run_model = RunStore(run).manifest().get("model")
+        if run_model != info.spec:
+            raise AtlasError(f"{run} was computed with {run_model}, not {info.spec}: its labels describe another model")
+    heads, layers = [], []
+    if ablate:
+        if all(ch.isdigit() or ch in ".,- " for ch in ablate):
+            heads = parse_heads(ablate, info.layers, info.heads)
+            layers = sorted({lh[0] for lh in heads})
+        elif run is None:
+            raise AtlasError(f"--ablate {ablate} names a property: pass --run with the labelled run")
+        else:
+            heads, layers = property_heads(run, ablate)
+    if mean_from == "run" and run is None:
+        raise AtlasError("--mean-from run needs --run")
+    hs = head_scores(loaded, data, layers, progress=progress)
+    y, g = data.labels[hs.kept], data.groups[hs.kept]
+    conditions = [{"name": "base", **accuracy(hs.base, y, g, data.group_names), "heads": []}]
+    draws = []
+    if heads:
+        means = (run_means(run, layers, info.heads, loaded.encode_texts(data.prompts)) if mean_from == "run"
+                 else hs.heads.mean(0))
+        rng = random.Random(seed)
+        pool = [(layer, h) for layer in layers for h in range(info.heads)]
+        for _ in range(random_k):
+            pick = sorted(rng.sample(pool, len(heads)))
+            draws.append({**accuracy(ablated_scores(hs, pick, means), y, g, data.group_names), "heads": pick})
+        if draws:
+            best = max(draws, key=lambda d: (d["worst_group"], d["average"]))
+            conditions.append({"name": "random", **best})
+        conditions.append({"name": "property", **accuracy(ablated_scores(hs, heads, means), y, g, data.group_names),
+                           "heads": heads})
+    for c in conditions + draws:
+        c["heads"] = [list(lh) for lh in c["heads"]]
+    return {"model": info.spec, "images": int(len(hs.kept)), "skipped": int(len(data.paths) - len(hs.kept)),
+            "classes": data.classes, "group_names": data.group_names, "ablate": ablate, "run": run,
+            "mean_from": mean_from, "random_k": random_k, "seed": seed, "conditions": conditions,
+            "random_draws": draws}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'condition':10s} {'heads':>5s} {'average':>8s} {'worst group':>12s}"]
+    for c in report["conditions"]:
+        lines.append(f"{c['name']:10s} {len(c['heads']):5d} {100 * c['average']:8.1f} {100 * c['worst_group']:12.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""`clip-atlas eval segmentation`: the token decomposition as a zero-shot segmenter, against saliency baselines.
+
+Data layout: images in any folder tree; a mask is the PNG at the same relative path and stem under the
+masks folder (non-zero = foreground). An image's text is its class label (a `path,label` CSV whose paths
+are relative to the CSV's folder, else the image's subfolder name) in a prompt template.
+
+Each image and its mask go through the model's own geometry (resize the short side, centre crop); maps
+are upsampled bilinearly from the patch grid to the model's input size and scored there
+(`compute/maths/segmetrics.py` has the protocol).
+"""
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import AtlasError
+from ..images import BadImage, find_images, load_image, read_labels
+from ..maths.decompose import resolve_layers
+from ..maths.saliency import BASELINES, baseline_maps
+from ..maths.segmetrics import SegmentationScores
+from ..models import LoadedModel
+
+METHODS = ("decomposition",) + BASELINES
+#: 'auto' picks the prompt a model was trained with: Shapes captions name the object bare, web CLIPs the photo.
+TEMPLATES = {"shapes": "a {}", "default": "a photo of a {}."}
+
+
+@dataclass
+class Example:
+    image: Path
+    mask: Path
+    label: str
+
+
+@dataclass
+class Pairing:
+    examples: list[Example]
+    skipped: dict[str, int] = field(default_factory=dict)   # reason -> count
+
+
+def default_template(loaded: LoadedModel) -> str:
+    return TEMPLATES["shapes" if loaded.info.architecture.startswith("clip-atlas-shapes") else "default"]
+
+
+def pair_examples(images: str | Path, masks: str | Path, labels: str | Path | None = None,
+                  limit: int | None = None) -> Pairing:
+    """Images with their masks and labels; images without a mask or a label are counted, not used."""
+    images, masks = Path(images), Path(masks)
+    if not masks.is_dir():
+        raise AtlasError(f"mask folder not found: {masks}")
+    refs = find_images(images)
+    by_csv = None
+    if labels is not None:
+        csv_path = Path(labels)
+        if not csv_path.is_file():
+            raise AtlasError(f"labels file not found: {csv_path}")
+        by_csv = read_labels(csv_path)
+        base = csv_path.resolve().parent
+    out, skipped = [], {}
+    for ref in refs:
+        img = images / ref.path
+        if by_csv is not None:
+            try:
+                label = by_csv.get(img.resolve().relative_to(base).as_posix())
+            except ValueError:
+                label = None
+        else:
+            label = ref.label
+        mask = (masks / ref.path).with_suffix(".png")
+        reason = "no label" if not label else "no mask" if not mask.is_file() else None
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        out.append(Example(img, mask, label))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        detail = ", ".join(f"{v} {k}" for k, v in skipped.items()) or "nothing found"
+        hint = "; pass --labels, or keep each class in its own subfolder" if labels is None and "no label" in skipped else ""
+        raise AtlasError(f"no image under {images} has both a mask and a label ({detail}){hint}")
+    return Pairing(out, skipped)
+
+
+def square_geometry(img: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
+    """Resize the short side to `size` and centre-crop a square: open_clip's default eval geometry."""
+    w, h = img.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    img = img.resize((nw, nh), resample)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_mask(path: Path, image_size: tuple[int, int], size: int) -> np.ndarray:
+    """The mask as a boolean [size, size] array after the image's geometry, or BadImage."""
+    try:
+        with Image.open(path) as m:
+            m.load()
+            if m.size != image_size:
+                raise BadImage(f"mask is {m.size[0]}x{m.size[1]}, its image {image_size[0]}x{image_size[1]}")
+            m = m.convert("L")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage(f"unreadable mask: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}") from None
+    return np.asarray(square_geometry(m, size, Image.Resampling.NEAREST)) > 0
+
+
+def _upsample(maps: torch.Tensor, size: int) -> np.ndarray:
+    return F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+
+
+def decomposition_maps(loaded: LoadedModel, pixels: torch.Tensor, directions: torch.Tensor,
+                       layers: list[int]) -> torch.Tensor:
+    """Per patch, the direct contributions of the chosen layers' heads projected on each image's direction,
+    clipped at zero: [B, gh, gw]."""
+    uniq, inverse = torch.unique(directions, dim=0, return_inverse=True)
+    d = loaded.decomposer(token_layers=tuple(layers))(pixels, token_directions=uniq.T)
+    per_token = d.tokens[:, :, :, 1:].sum((1, 2))                        # [B, N - 1, K]
+    scores = per_token.gather(2, inverse.view(-1, 1, 1).expand(-1, per_token.shape[1], 1))[..., 0]
+    return scores.clamp(min=0).reshape(-1, *loaded.info.grid)
+
+
+def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[str, ...] = METHODS,
+                          template: str | None = None, layers: str = "all", batch_size: int = 32,
+                          progress: bool = True) -> tuple[list[dict], dict[str, int]]:
+    """(one row per method: method, images, pixel_accuracy, miou, map, seconds spent in its maps;
+    skipped examples per reason)."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise AtlasError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    template = template or default_template(loaded)
+    if "{}" not in template:
+        raise AtlasError(f"the prompt template {template!r} needs a {{}} where the label goes")
+    token_layers = resolve_layers(layers, loaded.info.layers)
+    labels = sorted({e.label for e in pairing.examples})
+    emb = loaded.encode_texts([template.format(lb) for lb in labels])
+    text_emb = dict(zip(labels, emb))
+    # the decomposition map reads each token against its label's text minus the mean text of all labels, so what
+    # every class shares does not light up the background (as the authors' code does), and clips at zero
+    contrast = dict(zip(labels, emb - emb.mean(0, keepdim=True)))
+    size = loaded.info.image_size[0]
+    scores = {m: SegmentationScores() for m in methods}
+    seconds = dict.fromkeys(methods, 0.0)
+    skipped = dict(pairing.skipped)
+    visual = loaded.model.visual
+    bar = tqdm(total=len(pairing.examples), desc="segment", unit="img", disable=not progress)
+    for i in range(0, len(pairing.examples), batch_size):
+        pix, masks, texts, dirs = [], [], [], []
+        for ex in pairing.examples[i:i + batch_size]:
+            try:
+                img = load_image(ex.image)
+            except BadImage:
+                skipped["bad image"] = skipped.get("bad image", 0) + 1
+                continue
+            try:
+                masks.append(load_mask(ex.mask, img.size, size))
+            except BadImage:
+                skipped["bad mask"] = skipped.get("bad mask", 0) + 1
+                continue
+            pix.append(loaded.preprocess(img))
+            texts.append(text_emb[ex.label])
+            dirs.append(contrast[ex.label])
+        bar.update(min(batch_size, len(pairing.examples) - i))
+        if not pix:
+            continue
+        pixels, T = torch.stack(pix).to(loaded.device), torch.stack(texts)
+        maps = {}
+        if "decomposition" in methods:
+            t0 = time.perf_counter()
+            maps["decomposition"] = decomposition_maps(loaded, pixels, torch.stack(dirs), token_layers)
+            seconds["decomposition"] += time.perf_counter() - t0
+        base = tuple(m for m in methods if m != "decomposition")
+        if base:
+            t0 = time.perf_counter()
+            maps.update(baseline_maps(visual, pixels, T, base))
+            for m in base:   # one traced pass serves all baselines: its time is shared equally
+                seconds[m] += (time.perf_counter() - t0) / len(base)
+        for m, grid in maps.items():
+            for heat, mask in zip(_upsample(grid, size), masks):
+                scores[m].add(heat, mask)
+    bar.close()
+    rows = [{"method": m, "images": scores[m].images, **scores[m].result(), "seconds": seconds[m]} for m in methods]
+    return rows, skipped
+
+
+def write_rows(rows: list[dict], out: str | Path) -> Path:
+    """Parquet or CSV by the file's extension."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        import pyarrow as pa
+
+        from ..store import write_table_atomic
+        write_table_atomic(pa.Table.from_pylist(rows), out)
+    elif out.suffix == ".csv":
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        raise AtlasError(f"--out must end in .parquet or .csv, not {out.suffix or 'nothing'}")
+    return out
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'method':14s} {'images':>6s} {'pixel acc':>9s} {'mIoU':>7s} {'mAP':>7s} {'seconds':>8s}"]
+    lines += [f"{r['method']:14s} {r['images']:6d} {100 * r['pixel_accuracy']:9.2f} {100 * r['miou']:7.2f} "
+              f"{100 * r['map']:7.2f} {r['seconds']:8.1f}" for r in rows]
+    return "\n".join(lines)

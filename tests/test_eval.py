@@ -1,0 +1,165 @@
+"""The papers' experiments as commands: `eval segmentation` and `eval ablation`, on Shapes folders."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from compute.cli import main
+from compute.errors import AtlasError
+from compute.eval.ablation import ablated_scores, head_scores, parse_heads, read_grouped_set, run_ablation, run_means
+from compute.eval.segmentation import METHODS, evaluate_segmentation, pair_examples
+from compute.models import load_model
+
+MODEL = "clip-atlas-shapes:random"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(MODEL)
+
+
+def test_generate_writes_masks_as_pngs(shapes_dir):
+    masks = np.load(shapes_dir / "masks.npy")
+    for i in (0, 7, 47):
+        png = np.asarray(Image.open(shapes_dir / "masks" / f"{i:06d}.png"))
+        assert np.array_equal(png, masks[i])
+    assert len(list((shapes_dir / "masks").glob("*.png"))) == len(masks)
+
+
+def test_eval_segmentation_command(shapes_dir, tmp_path, capsys):
+    out = tmp_path / "seg.csv"
+    rc = main(["eval", "segmentation", "--model", MODEL, "--images", str(shapes_dir / "images"),
+               "--masks", str(shapes_dir / "masks"), "--labels", str(shapes_dir / "labels.csv"),
+               "--limit", "12", "--out", str(out)])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["method"] for r in rows] == list(METHODS)
+    for r in rows:
+        assert int(r["images"]) == 12
+        for k in ("pixel_accuracy", "miou", "map"):
+            assert 0.0 <= float(r[k]) <= 1.0
+    assert "decomposition" in capsys.readouterr().out
+
+
+def test_eval_segmentation_counts_missing_and_bad_masks(shapes_dir, tmp_path, loaded):
+    masks = tmp_path / "masks"
+    shutil.copytree(shapes_dir / "masks", masks)
+    (masks / "000001.png").unlink()
+    (masks / "000002.png").write_bytes(b"not a png")
+    Image.new("L", (10, 10)).save(masks / "000003.png")          # wrong size for its image
+    pairing = pair_examples(shapes_dir / "images", masks, shapes_dir / "labels.csv", limit=8)
+    assert pairing.skipped == {"no mask": 1}
+    rows, skipped = evaluate_segmentation(loaded, pairing, ("decomposition", "rollout"), progress=False)
+    assert skipped == {"no mask": 1, "bad mask": 2}
+    assert [r["images"] for r in rows] == [6, 6]
+
+
+def test_eval_segmentation_refuses_clearly(shapes_dir, tmp_path, capsys):
+    rc = main(["eval", "segmentation", "--model", MODEL, "--images", str(shapes_dir / "images"),
+               "--masks", str(tmp_path), "--labels", str(shapes_dir / "labels.csv"), "--out", str(tmp_path / "x.csv")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no image under") and "48 no mask" in err and err.count("\n") == 1
+    rc = main(["eval", "segmentation", "--model", MODEL, "--images", str(shapes_dir / "images"),
+               "--masks", str(shapes_dir / "masks"), "--out", str(tmp_path / "x.csv")])
+    assert rc == 2 and "pass --labels" in capsys.readouterr().err
+    rc = main(["eval", "segmentation", "--model", MODEL, "--images", str(shapes_dir / "images"),
+               "--masks", str(shapes_dir / "masks"), "--methods", "decomposition,lrp", "--out", str(tmp_path / "x.csv")])
+    assert rc == 2 and "unknown method 'lrp'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- ablation
+
+@pytest.fixture(scope="module")
+def grouped(shapes_dir, tmp_path_factory):
+    """The Shapes folder as a group-annotated set: class = first object's shape, group = shape x background."""
+    d = tmp_path_factory.mktemp("grouped")
+    scenes = pq.read_table(shapes_dir / "scenes.parquet").to_pylist()
+    with open(d / "groups.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "group"])
+        w.writerows((s["path"], s["obj1_shape"], f"{s['obj1_shape']} on {s['background']}") for s in scenes)
+    with open(d / "classes.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["label", "prompt"], *[[c, f"a {c}"] for c in ("circle", "square", "triangle", "cross")]])
+    return read_grouped_set(shapes_dir, d / "groups.csv", d / "classes.csv")
+
+
+def test_ablating_no_heads_equals_base(loaded, grouped):
+    hs = head_scores(loaded, grouped, [4, 5], progress=False)
+    assert np.array_equal(ablated_scores(hs, [], hs.heads.mean(0)), hs.base)
+
+
+def test_ablated_scores_equal_a_direct_recomputation(loaded, grouped):
+    """e - c_lh + mean(c_lh), recomputed D-wide from the decomposition, then dotted with the class prompts."""
+    heads = [(4, 1), (5, 0), (5, 6)]
+    hs = head_scores(loaded, grouped, [4, 5], progress=False)
+    from compute.images import load_image
+    pix = torch.stack([loaded.preprocess(load_image(p)) for p in grouped.paths])
+    d = loaded.decomposer(head_layers=(4, 5))(pix)
+    T = loaded.encode_texts(grouped.prompts).double()
+    C = d.heads.double()                                             # [N, 2, H, D]
+    e = d.embedding.double().clone()
+    for layer, h in heads:
+        li = [4, 5].index(layer)
+        e = e - C[:, li, h] + C[:, li, h].mean(0)
+    fast = ablated_scores(hs, heads, hs.heads.mean(0))
+    assert np.allclose(fast, (e @ T.T).numpy(), atol=1e-6)
+    assert not np.allclose(fast, hs.base, atol=1e-4)                 # the ablation changes something
+
+
+def test_eval_ablation_command_writes_the_report(shapes_dir, grouped, tmp_path, capsys):
+    out = tmp_path / "ablation.json"
+    groups_csv = tmp_path / "g.csv"
+    classes_csv = tmp_path / "c.csv"
+    # the same set written where the CLI can read it
+    with open(groups_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "group"])
+        w.writerows((p.relative_to(shapes_dir).as_posix(), grouped.classes[y], grouped.group_names[g])
+                    for p, y, g in zip(grouped.paths, grouped.labels, grouped.groups))
+    with open(classes_csv, "w", newline="") as f:
+        csv.writer(f).writerows([["label", "prompt"], *zip(grouped.classes, grouped.prompts)])
+    rc = main(["eval", "ablation", "--model", MODEL, "--images", str(shapes_dir), "--groups", str(groups_csv),
+               "--classes", str(classes_csv), "--ablate", "4.1,5.0,5.6", "--random", "3", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    names = [c["name"] for c in report["conditions"]]
+    assert names == ["base", "random", "property"]
+    by = {c["name"]: c for c in report["conditions"]}
+    assert by["property"]["heads"] == [[4, 1], [5, 0], [5, 6]] and by["base"]["heads"] == []
+    assert len(by["random"]["heads"]) == 3 and {lh[0] for lh in by["random"]["heads"]} <= {4, 5}
+    assert by["random"]["worst_group"] == max(d["worst_group"] for d in report["random_draws"])
+    for c in report["conditions"]:
+        assert c["worst_group"] == min(c["groups"].values()) <= c["average"]
+    assert "worst group" in capsys.readouterr().out
+
+
+def test_run_means_are_the_stored_means(shapes_run, loaded, grouped):
+    from compute.heads import read_head
+    from compute.store import RunStore
+    run, _ = shapes_run
+    T = loaded.encode_texts(grouped.prompts)
+    means = run_means(run, [5], loaded.info.heads, T)
+    _, c = read_head(RunStore(run), 5, 3)
+    assert np.allclose(means[0, 3], c.astype(np.float64).mean(0) @ T.double().numpy().T, atol=1e-6)
+
+
+def test_ablation_errors_are_one_line(shapes_run, loaded, grouped):
+    run, _ = shapes_run
+    with pytest.raises(AtlasError, match="LAYER.HEAD"):
+        parse_heads("4-1", 6, 8)
+    with pytest.raises(AtlasError, match="outside a model"):
+        parse_heads("6.0", 6, 8)
+    with pytest.raises(AtlasError, match="pass --run"):
+        run_ablation(loaded, grouped, "background", None, progress=False)
+    with pytest.raises(AtlasError, match="is labelled 'no-such-property'"):
+        run_ablation(loaded, grouped, "no-such-property", str(run), progress=False)
+    with pytest.raises(AtlasError, match="stores no heads of layer 0"):
+        run_ablation(loaded, grouped, "0.1", str(run), mean_from="run", progress=False)
