@@ -62,10 +62,10 @@ def _eval_segmentation(a: argparse.Namespace) -> None:
         raise AtlasError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
     if not str(a.out).endswith((".parquet", ".csv")):
         raise AtlasError(f"--out must end in .parquet or .csv: {a.out}")
-    pairing = pair_examples(a.images, a.masks, a.labels, a.limit)
+    pairing = pair_examples(a.images, a.masks, a.labels, a.limit, need_labels=a.classes is None)
     loaded = load_model(a.model, device=pick_device(a.device))
     rows, skipped = evaluate_segmentation(loaded, pairing, methods, template=a.template, layers=a.layers,
-                                          batch_size=a.batch_size)
+                                          batch_size=a.batch_size, classes=a.classes)
     print(format_rows(rows))
     if skipped:
         print("skipped: " + ", ".join(f"{v} ({k})" for k, v in sorted(skipped.items())))
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--masks", required=True, help="folder of PNG masks at the images' relative paths (non-zero = foreground)")
     es.add_argument("--labels", default=None, help="path,label CSV, paths relative to the CSV's folder (default: subfolder names)")
     es.add_argument("--methods", default=",".join(SEG_METHODS), help=f"comma list of {', '.join(SEG_METHODS)}")
+    es.add_argument("--classes", default=None, help="imagenet | a label,prompt CSV: use the model's predicted class "
+                                                    "among these as each image's text (the papers' ImageNet-Segmentation protocol)")
     es.add_argument("--template", default=None, help="prompt with {} for the label (default: 'a {}' for Shapes models, "
                                                      "'a photo of a {}.' otherwise)")
     es.add_argument("--layers", default="all", help="layers whose heads the decomposition map sums (default all)")

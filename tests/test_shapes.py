@@ -164,5 +164,5 @@ def test_demo_uses_the_cli_defaults():
     from compute import demo
     src = inspect.getsource(demo.build_shapes_store)
     for call in ("run_textspan(str(run), progress=progress)", "run_label(str(run))",
-                 'ComputeConfig("shapes", str(data), str(run))'):
+                 'ComputeConfig(model, str(data), str(run))', 'model: str = "shapes"'):
         assert call in src

@@ -37,7 +37,23 @@ TEMPLATES = {"shapes": "a {}", "default": "a photo of a {}."}
 class Example:
     image: Path
     mask: Path
-    label: str
+    label: str | None
+
+
+def class_texts(loaded: LoadedModel, classes: str) -> tuple[list[str], torch.Tensor]:
+    """(class names, their text embeddings [C, D]) for predicting each image's class: 'imagenet' is open_clip's
+    1,000 ImageNet class names, each the normalised mean of the 80 OpenAI prompt templates (the classifier the
+    papers use); otherwise a label,prompt CSV."""
+    if classes == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+        names = list(IMAGENET_CLASSNAMES)
+        k = len(OPENAI_IMAGENET_TEMPLATES)
+        prompts = [t(c) for c in names for t in OPENAI_IMAGENET_TEMPLATES]
+        emb = loaded.encode_texts(prompts, progress=True).view(len(names), k, -1).mean(1)
+        return names, F.normalize(emb, dim=-1)
+    from .ablation import _read_csv
+    rows = _read_csv(classes, ("label", "prompt"), "classes")
+    return [r["label"] for r in rows], loaded.encode_texts([r["prompt"] for r in rows])
 
 
 @dataclass
@@ -51,8 +67,9 @@ def default_template(loaded: LoadedModel) -> str:
 
 
 def pair_examples(images: str | Path, masks: str | Path, labels: str | Path | None = None,
-                  limit: int | None = None) -> Pairing:
-    """Images with their masks and labels; images without a mask or a label are counted, not used."""
+                  limit: int | None = None, need_labels: bool = True) -> Pairing:
+    """Images with their masks and labels; images without a mask (or a label, when one is needed) are counted,
+    not used."""
     images, masks = Path(images), Path(masks)
     if not masks.is_dir():
         raise AtlasError(f"mask folder not found: {masks}")
@@ -75,7 +92,7 @@ def pair_examples(images: str | Path, masks: str | Path, labels: str | Path | No
         else:
             label = ref.label
         mask = (masks / ref.path).with_suffix(".png")
-        reason = "no label" if not label else "no mask" if not mask.is_file() else None
+        reason = "no label" if need_labels and not label else "no mask" if not mask.is_file() else None
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
@@ -85,7 +102,7 @@ def pair_examples(images: str | Path, masks: str | Path, labels: str | Path | No
     if not out:
         detail = ", ".join(f"{v} {k}" for k, v in skipped.items()) or "nothing found"
         hint = "; pass --labels, or keep each class in its own subfolder" if labels is None and "no label" in skipped else ""
-        raise AtlasError(f"no image under {images} has both a mask and a label ({detail}){hint}")
+        raise AtlasError(f"no image under {images} has a mask{' and a label' if need_labels else ''} ({detail}){hint}")
     return Pairing(out, skipped)
 
 
@@ -129,18 +146,22 @@ def decomposition_maps(loaded: LoadedModel, pixels: torch.Tensor, directions: to
 
 def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[str, ...] = METHODS,
                           template: str | None = None, layers: str = "all", batch_size: int = 32,
-                          progress: bool = True) -> tuple[list[dict], dict[str, int]]:
+                          classes: str | None = None, progress: bool = True) -> tuple[list[dict], dict[str, int]]:
     """(one row per method: method, images, pixel_accuracy, miou, map, seconds spent in its maps;
-    skipped examples per reason)."""
+    skipped examples per reason). With `classes`, each image's text is the model's zero-shot prediction among
+    them (ImageNet-Segmentation has no labels: the papers use the predicted class), else its label."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise AtlasError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
-    template = template or default_template(loaded)
-    if "{}" not in template:
-        raise AtlasError(f"the prompt template {template!r} needs a {{}} where the label goes")
     token_layers = resolve_layers(layers, loaded.info.layers)
-    labels = sorted({e.label for e in pairing.examples})
-    emb = loaded.encode_texts([template.format(lb) for lb in labels])
+    if classes is not None:
+        labels, emb = class_texts(loaded, classes)
+    else:
+        template = template or default_template(loaded)
+        if "{}" not in template:
+            raise AtlasError(f"the prompt template {template!r} needs a {{}} where the label goes")
+        labels = sorted({e.label for e in pairing.examples})
+        emb = loaded.encode_texts([template.format(lb) for lb in labels])
     text_emb = dict(zip(labels, emb))
     # the decomposition map reads each token against its label's text minus the mean text of all labels, so what
     # every class shares does not light up the background (as the authors' code does), and clips at zero
@@ -152,7 +173,7 @@ def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[
     visual = loaded.model.visual
     bar = tqdm(total=len(pairing.examples), desc="segment", unit="img", disable=not progress)
     for i in range(0, len(pairing.examples), batch_size):
-        pix, masks, texts, dirs = [], [], [], []
+        pix, masks, texts = [], [], []
         for ex in pairing.examples[i:i + batch_size]:
             try:
                 img = load_image(ex.image)
@@ -165,12 +186,17 @@ def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[
                 skipped["bad mask"] = skipped.get("bad mask", 0) + 1
                 continue
             pix.append(loaded.preprocess(img))
-            texts.append(text_emb[ex.label])
-            dirs.append(contrast[ex.label])
+            texts.append(ex.label)
         bar.update(min(batch_size, len(pairing.examples) - i))
         if not pix:
             continue
-        pixels, T = torch.stack(pix).to(loaded.device), torch.stack(texts)
+        pixels = torch.stack(pix).to(loaded.device)
+        if classes is not None:
+            with torch.no_grad():
+                image_emb = F.normalize(loaded.model.encode_image(pixels).float(), dim=-1)
+            texts = [labels[k] for k in (image_emb @ emb.T).argmax(1).tolist()]
+        T = torch.stack([text_emb[t] for t in texts])
+        dirs = [contrast[t] for t in texts]
         maps = {}
         if "decomposition" in methods:
             t0 = time.perf_counter()
