@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .train import TrainConfig
 from .world import OBJECT_ATTRIBUTES, Renderer, Scene, Tie, WorldSpec, describe
 
 SPURIOUS_NAME = "shapes-spurious"
@@ -53,15 +54,11 @@ def balanced_scenes(n: int, seed: int) -> list[Scene]:
 
 
 @dataclass
-class SpuriousConfig:
+class SpuriousConfig(TrainConfig):
+    """The training recipe's settings, shorter and gentler (a fine-tune), plus the cue."""
     steps: int = 300
-    batch_size: int = 256
-    group_size: int = 8
     lr: float = 3e-4
-    weight_decay: float = 0.05
     warmup: int = 20
-    seed: int = 0
-    threads: int = 2
     tie: float = 0.95
     background_in_caption: float = 0.25     # share of captions that name the background
     vary_weights: dict[str, float] = field(default_factory=lambda: {
@@ -90,13 +87,13 @@ def finetune(cfg: SpuriousConfig, out: Path, base_weights: Path | None = None, l
     model.load_state_dict({k: v.float() for k, v in load_file(str(base_weights)).items()})
     pcfg = model.visual.preprocess_cfg
     spec, rng, renderer = spurious_world(cfg.tie), random.Random(cfg.seed), Renderer(cfg.seed)
-    opt = make_optimizer(model, cfg)  # type: ignore[arg-type]
+    opt = make_optimizer(model, cfg)
     model.train()
     t0 = time.time()
     bar = tqdm(range(cfg.steps), desc="fine-tune", unit="step")
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)  # type: ignore[arg-type]
+            g["lr"] = lr_at(step, cfg)
         scenes = [s for _ in range(cfg.batch_size // cfg.group_size)
                   for s in sample_group(spec, rng, cfg.group_size, cfg.vary_weights)]
         imgs = np.stack([renderer.render(s, rng)[0] for s in scenes])
