@@ -46,7 +46,7 @@ def synthetic_store(n: int, heads: int, dim: int) -> Path:
 
 
 def topk_benchmark(run: Path, repeat: int) -> None:
-    from dashboard.queries import Store
+    from compute.query import Store
     store = Store(run.parent)
     info = store.run(run.name)
     rng = np.random.default_rng(1)

@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--labels", default=None, help="CSV with path,label: the images it lists, labelled (default: IMAGES/labels.csv if present)")
     c.add_argument("--chunk-size", type=int, default=None, help="images per committed chunk (default: by memory)")
     c.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPU")
-    c.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    c.add_argument("--workers", type=int, default=None,
+                   help="image decoding threads (default: the cores available, divided among the ranks of a node)")
     c.set_defaults(func=_compute)
 
     t = sub.add_parser("textspan", help="label each head's output space with texts (TextSpan)")

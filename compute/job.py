@@ -35,19 +35,44 @@ class ComputeConfig:
     labels: str | None = None
     chunk_size: int | None = None
     precision: str = "fp32"
-    workers: int = 2
+    workers: int | None = None   # default_workers()
+
+
+def local_rank() -> tuple[int, int]:
+    """(this process's rank on its node, processes on the node) under torchrun; (0, 1) otherwise."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def pick_device(name: str) -> torch.device:
+    """'auto' -> this rank's GPU (LOCAL_RANK under torchrun) or the CPU; 'cuda' alone also means this rank's GPU,
+    so ranks on one node never share a device. The chosen GPU becomes the current one (nccl needs that)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise AtlasError(f"unknown device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
         raise AtlasError("--device cuda requested but no GPU is available")
+    if dev.index is None:
+        rank, per_node = local_rank()
+        count = torch.cuda.device_count()
+        if per_node > count:
+            raise AtlasError(f"{per_node} processes on this node but {count} GPUs: use --nproc-per-node {count} or fewer")
+        dev = torch.device("cuda", rank)
+    torch.cuda.set_device(dev)
     return dev
+
+
+def default_workers() -> int:
+    """Image decoding threads: the cores this process may use, shared by the ranks on its node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:      # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // local_rank()[1])
 
 
 class Distributed:
@@ -173,7 +198,8 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
     chunk = Chunk()
     try:
         draft = max(info.image_size) * 2
-        for batch, pixels, skipped in decoded_batches(mine, root, loaded.preprocess, cfg.batch_size, cfg.workers, draft):
+        workers = cfg.workers or default_workers()
+        for batch, pixels, skipped in decoded_batches(mine, root, loaded.preprocess, cfg.batch_size, workers, draft):
             chunk.skipped += skipped
             if pixels is not None:
                 with autocast:

@@ -2,17 +2,28 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import streamlit as st
 from PIL import Image
 
 from compute.errors import AtlasError
+from compute.query import DEFAULT_STORE, RunInfo, Store, full_path
 
 from . import live
-from .queries import RunInfo, Store, full_path, store_root
 
 DISPLAY_PX = 256
+
+
+def store_root() -> Path:
+    """--store PATH after `--` on the streamlit command line, else $CLIP_ATLAS_STORE, else ./artifacts."""
+    argv = sys.argv
+    if "--store" in argv and argv.index("--store") + 1 < len(argv):
+        return Path(argv[argv.index("--store") + 1]).resolve()
+    return Path(os.environ.get("CLIP_ATLAS_STORE", DEFAULT_STORE)).resolve()
 
 
 @st.cache_resource

@@ -13,8 +13,10 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
+import torch
 
 from compute.cli import main
+from compute.errors import AtlasError
 from compute.job import ComputeConfig, run_compute
 from compute.store import RunStore
 
@@ -161,3 +163,35 @@ def test_two_ranks_split_the_images(shapes_dir, tmp_path):
     assert len(ids) == 48 and len(set(ids)) == 48
     m = json.loads((run / "manifest.json").read_text())
     assert m["status"] == "complete" and m["image_count"] == 48
+
+
+def test_each_rank_takes_its_own_gpu(monkeypatch):
+    """Under torchrun every rank must use cuda:LOCAL_RANK (not all of them device 0) and make it current."""
+    from compute import job
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(d))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    for rank in (0, 3, 7):
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert job.pick_device("auto") == torch.device("cuda", rank)
+        assert job.pick_device("cuda") == torch.device("cuda", rank)
+    assert current[-1] == torch.device("cuda", 7)
+    assert job.pick_device("cuda:2") == torch.device("cuda", 2)      # an explicit index is kept
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    with pytest.raises(AtlasError, match="16 processes on this node but 8 GPUs"):
+        job.pick_device("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert job.pick_device("auto") == torch.device("cpu")
+
+
+def test_workers_default_to_the_cores_of_this_rank(monkeypatch):
+    from compute import job
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert job.default_workers() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert job.default_workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert job.default_workers() == 1

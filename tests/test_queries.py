@@ -5,7 +5,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from dashboard.queries import Store
+from compute.query import Store
 
 
 @pytest.fixture()

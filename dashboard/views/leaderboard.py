@@ -4,7 +4,7 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.common import current_store, show_errors
-from dashboard.queries import manifest_summary
+from compute.query import manifest_summary
 
 st.title("Leaderboard")
 s = current_store()

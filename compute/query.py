@@ -1,12 +1,11 @@
-"""The dashboard's query layer: read-only DuckDB over one store folder, parameterised queries only.
+"""The query layer: read-only DuckDB over one store folder, parameterised queries only.
 
 One connection per store (sandboxed to the store folder), one cursor per thread.
-Every function returns plain Python / numpy; pages never write SQL.
+Every function returns plain Python / numpy; the notebook API (`compute/api.py`) and the dashboard's pages
+read through it and never write SQL.
 """
 from __future__ import annotations
 
-import os
-import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,8 +14,8 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from compute.errors import AtlasError
-from compute.store import MANIFEST, RunStore
+from .errors import AtlasError
+from .store import MANIFEST, RunStore
 
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "artifacts"
 #: Memory for vector matrices kept between queries (a 50,000 x 512 head is 100 MB).
@@ -25,14 +24,6 @@ _VECTOR_QUERIES = {
     "contribution": "SELECT image_id, contribution AS v FROM read_parquet(?)",
     "vector": "SELECT image_id, vector AS v FROM read_parquet(?)",
 }
-
-
-def store_root() -> Path:
-    """--store PATH after `--` on the streamlit command line, else $CLIP_ATLAS_STORE, else ./artifacts."""
-    argv = sys.argv
-    if "--store" in argv and argv.index("--store") + 1 < len(argv):
-        return Path(argv[argv.index("--store") + 1]).resolve()
-    return Path(os.environ.get("CLIP_ATLAS_STORE", DEFAULT_STORE)).resolve()
 
 
 @dataclass
@@ -154,7 +145,7 @@ class Store:
                 self._matrices.move_to_end(key)
                 return self._matrices[key]
         table = self._cur().sql(_VECTOR_QUERIES[column], params=[pattern]).to_arrow_table()
-        from compute.heads import vector_column
+        from .heads import vector_column
         entry = (table.column("image_id").to_numpy(), np.ascontiguousarray(vector_column(table, "v")))
         with self._matrix_lock:
             self._matrices[key] = entry
