@@ -122,6 +122,10 @@ class Store:
                         [self._glob(run, "images", "*.parquet"), ids])
         return {i: (p, l) for i, p, l in rows}
 
+    def image_by_path(self, run: RunInfo, rel_path: str) -> int | None:
+        rows = self.sql("SELECT image_id FROM read_parquet(?) WHERE path = ?", [self._glob(run, "images", "*.parquet"), rel_path])
+        return int(rows[0][0]) if rows else None
+
     def stored_head(self, run: RunInfo, image_id: int, layer: int, head: int) -> np.ndarray | None:
         rows = self.sql("SELECT contribution FROM read_parquet(?) WHERE image_id = ?",
                         [self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"), image_id])
@@ -190,6 +194,20 @@ class Store:
         return self.sql("""
             SELECT rank, text, variance_explained, cumulative_variance FROM read_parquet(?)
             WHERE layer = ? AND head = ? ORDER BY rank""", [self._glob(run, "textspan.parquet"), layer, head])
+
+    def all_head_texts(self, run: RunInfo) -> list[tuple[int, int, int, str]]:
+        """(layer, head, rank, text) of every head, in rank order."""
+        if not run.has("textspan"):
+            return []
+        return self.sql("SELECT layer, head, rank, text FROM read_parquet(?) ORDER BY layer, head, rank",
+                        [self._glob(run, "textspan.parquet")])
+
+    def textspan_summary(self, run: RunInfo) -> list[tuple[int, int, float, float]]:
+        """(layer, head, share of variance its texts explain, stability) per head."""
+        if not run.has("textspan_heads"):
+            return []
+        return self.sql("SELECT layer, head, explained, stability FROM read_parquet(?) ORDER BY layer, head",
+                        [self._glob(run, "textspan_heads.parquet")])
 
     def head_direction(self, run: RunInfo, layer: int, head: int, rank: int = 0) -> np.ndarray | None:
         """The head's TextSpan direction at `rank` (its main text direction for rank 0)."""

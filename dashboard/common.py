@@ -10,6 +10,7 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image
 
+from compute import api
 from compute.errors import AtlasError
 from compute.query import DEFAULT_STORE, RunInfo, Store, full_path
 
@@ -33,6 +34,16 @@ def store(root: str) -> Store:
 
 def current_store() -> Store:
     return store(str(store_root()))
+
+
+def api_run(s: Store, run: RunInfo) -> api.Run:
+    """The notebook API's view of a run, with the dashboard's cached model: pages ask their questions through it."""
+    return api.Run(s, run, model_loader=live.model)
+
+
+def show_hits(s: Store, run: RunInfo, hits) -> None:
+    """An API result table (image_id, score, ...) as an image grid."""
+    image_grid(s, run, list(zip(hits["image_id"].tolist(), hits["score"].tolist())))
 
 
 def param(name: str, default=None, cast=str):

@@ -9,6 +9,7 @@ import streamlit as st
 import torch
 from PIL import Image
 
+from compute.api import clean_text  # noqa: F401  (pages use live.clean_text)
 from compute.errors import AtlasError
 from compute.images import BadImage, load_image
 from compute.models import LoadedModel, load_model
@@ -16,7 +17,6 @@ from compute.maths.segment import TokenMaps, token_maps
 
 #: Uploads above this many pixels are refused (the store's compute job allows more; a page should stay quick).
 MAX_UPLOAD_PIXELS = 40_000_000
-MAX_TEXT_CHARS = 300
 
 
 @st.cache_resource(show_spinner="Loading model ...")
@@ -33,16 +33,6 @@ def decode_upload(data: bytes) -> Image.Image:
         raise AtlasError(f"this file is not a usable image: {e}") from None
 
 
-def clean_text(text: str | None) -> str:
-    """A query text, or AtlasError: non-empty, at most MAX_TEXT_CHARS characters (the tokenizer truncates anyway)."""
-    text = " ".join((text or "").split())
-    if not text:
-        raise AtlasError("enter a text")
-    if len(text) > MAX_TEXT_CHARS:
-        raise AtlasError(f"the text is {len(text)} characters long; keep it under {MAX_TEXT_CHARS}")
-    return text
-
-
 def image_key(image: Image.Image) -> str:
     return hashlib.blake2b(image.tobytes() + str(image.size).encode(), digest_size=16).hexdigest()
 
@@ -50,15 +40,6 @@ def image_key(image: Image.Image) -> str:
 @st.cache_data(max_entries=64, show_spinner=False)
 def text_embedding(spec: str, text: str) -> np.ndarray:
     return model(spec).encode_texts([text])[0].float().cpu().numpy()
-
-
-@st.cache_data(max_entries=32, show_spinner=False, hash_funcs={Image.Image: image_key})
-def head_contributions(spec: str, image: Image.Image, layers: tuple[int, ...]) -> np.ndarray:
-    """[len(layers), H, D] direct contributions of the chosen layers' heads for one image."""
-    m = model(spec)
-    pixels = m.preprocess(image)[None].to(m.device)
-    d = m.decomposer(head_layers=tuple(layers))(pixels)
-    return d.heads[0].float().cpu().numpy()
 
 
 @st.cache_data(max_entries=16, show_spinner=False, hash_funcs={Image.Image: image_key})

@@ -1,8 +1,7 @@
 """Per-head nearest neighbours of an image."""
 import streamlit as st
 
-from dashboard import live
-from dashboard.common import start_page, image_grid, pick_head, pick_image, show_errors, show_image
+from dashboard.common import api_run, pick_head, pick_image, show_errors, show_hits, show_image, start_page
 
 s, run = start_page("Image neighbours")
 with show_errors():
@@ -10,9 +9,6 @@ with show_errors():
     img = pick_image(s, run)
     if img is not None:
         show_image(img.image, img.caption)
-        if img.image_id is not None:
-            query = s.stored_head(run, img.image_id, layer, head)
-        else:
-            query = live.head_contributions(run.manifest["model"], img.image, (layer,))[0, head]
+        hits = api_run(s, run).neighbours(img.image_id if img.image_id is not None else img.image, layer, head, k=8)
         st.subheader(f"Top 8 for layer {layer}, head {head}")
-        image_grid(s, run, s.head_top_k(run, layer, head, query, k=8, exclude=img.image_id))
+        show_hits(s, run, hits)

@@ -1,9 +1,7 @@
 """Property-based nearest neighbours: images whose property heads say the same about them."""
-import numpy as np
 import streamlit as st
 
-from dashboard import live
-from dashboard.common import start_page, image_grid, param, pick_image, set_params, show_errors, show_image
+from dashboard.common import api_run, param, pick_image, set_params, show_errors, show_hits, show_image, start_page
 
 s, run = start_page("Property search", need=("properties",))
 with show_errors():
@@ -20,11 +18,6 @@ with show_errors():
     img = pick_image(s, run)
     if img is not None:
         show_image(img.image, img.caption)
-        if img.image_id is not None:
-            query = s.stored_property_vector(run, img.image_id, prop)
-        else:
-            layers = tuple(sorted({l for l, _ in heads}))
-            contrib = live.head_contributions(run.manifest["model"], img.image, layers)
-            query = np.mean([contrib[layers.index(l), h] for l, h in heads], axis=0)
+        hits = api_run(s, run).property_neighbours(img.image_id if img.image_id is not None else img.image, prop, k=k)
         st.subheader(f"Nearest by {prop}")
-        image_grid(s, run, s.property_top_k(run, prop, query, k=k, exclude=img.image_id))
+        show_hits(s, run, hits)

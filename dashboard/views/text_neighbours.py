@@ -1,8 +1,8 @@
 """Per-head nearest neighbours of a text: which images does this head place closest to it?"""
 import streamlit as st
 
-from dashboard import live
-from dashboard.common import start_page, image_grid, param, pick_head, set_params, show_errors
+from compute.api import clean_text
+from dashboard.common import api_run, param, pick_head, set_params, show_errors, show_hits, start_page
 
 s, run = start_page("Text neighbours")
 with show_errors():
@@ -19,7 +19,7 @@ with show_errors():
     text = st.text_input("Text", key="query_text")
     k = st.slider("Results", 1, 24, param("k", 8, int), key="k")
     set_params(text=text or None, k=k)
-    text = live.clean_text(text)
-    query = live.text_embedding(run.manifest["model"], text)
+    text = clean_text(text)
+    hits = api_run(s, run).text_neighbours(text, layer, head, k=k)
     st.subheader(f"Top {k} for “{text}” through layer {layer}, head {head}")
-    image_grid(s, run, s.head_top_k(run, layer, head, query, k=k))
+    show_hits(s, run, hits)

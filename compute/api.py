@@ -1,0 +1,276 @@
+"""The Python API for notebooks: one way to ask each question of a model or a computed run.
+
+    from compute import api
+    run = api.open_run("artifacts/shapes-demo")
+    run.heads()                                   # one row per analysed head: property, texts, variance
+    run.head(5, 3)                                # its texts, property, top and bottom images
+    run.neighbours("images/000012.png", 5, 3)     # images this head places nearest to an image
+    run.text_neighbours("a red circle", 5, 3)     # ... nearest to a text
+    run.property_neighbours(12345, "color")       # nearest by a property's heads
+    run.segment(image, "a red circle")            # heatmap over the patch grid
+    run.contrast(image, "a circle", "a square")   # where the image speaks for A rather than B
+    api.decompose("shapes", [img_a, img_b])       # the Decomposition of a list of images
+    api.load("shapes")                            # the model, its preprocessing and tokenizer
+
+An image argument is an image_id of the run, a path (relative to the run's images root, or any file), or a
+PIL image. Stored images are answered from the store; others are decomposed live with the run's model, loaded
+on first use. Errors are `AtlasError`s with one-line messages. Tables come back as pandas DataFrames.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import AtlasError
+from .images import BadImage, load_image
+from .maths.decompose import Decomposition, resolve_layers
+from .models import LoadedModel, load_model
+from .query import RunInfo, Store, full_path
+from .store import MANIFEST
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+ImageLike = Union[int, str, Path, Image.Image]
+MAX_TEXT_CHARS = 300
+
+
+def load(model_spec: str, device: str = "auto") -> LoadedModel:
+    """A model by spec (`clip-atlas models` lists the names), on the GPU when there is one."""
+    from .job import pick_device
+    return load_model(model_spec, pick_device(device))
+
+
+def _as_pil(image: str | Path | Image.Image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        return load_image(image)
+    except BadImage as e:
+        raise AtlasError(f"{image}: not a usable image ({e})") from None
+
+
+def decompose(model: str | LoadedModel, images: Sequence[str | Path | Image.Image], layers: str = "last4",
+              token_layers: str | None = None, batch_size: int = 32) -> Decomposition:
+    """The direct-effect decomposition of a list of images (paths or PIL images), on CPU tensors; heads of
+    `layers` (lastK | all | L1,L2) and, with `token_layers`, per-token maps of those layers."""
+    loaded = load(model) if isinstance(model, str) else model
+    if not images:
+        raise AtlasError("no images to decompose")
+    heads = tuple(resolve_layers(layers, loaded.info.layers))
+    tokens = tuple(resolve_layers(token_layers, loaded.info.layers))
+    dec = loaded.decomposer(head_layers=heads, token_layers=tokens)
+    parts = []
+    for i in range(0, len(images), batch_size):
+        pixels = torch.stack([loaded.preprocess(_as_pil(im)) for im in images[i:i + batch_size]]).to(loaded.device)
+        parts.append(dec(pixels))
+    cat = {f: torch.cat([getattr(p, f) for p in parts]).cpu()
+           for f in ("embedding", "embed", "attn", "attn_bias", "mlp", "ln_bias", "heads")}
+    tok = torch.cat([p.tokens for p in parts]).cpu() if tokens else None
+    return Decomposition(**cat, head_layers=list(heads), token_layers=list(tokens), tokens=tok)
+
+
+def clean_text(text: str | None) -> str:
+    """A query text, or AtlasError: non-empty, at most MAX_TEXT_CHARS characters (the tokenizer truncates anyway)."""
+    text = " ".join((text or "").split())
+    if not text:
+        raise AtlasError("enter a text")
+    if len(text) > MAX_TEXT_CHARS:
+        raise AtlasError(f"the text is {len(text)} characters long; keep it under {MAX_TEXT_CHARS}")
+    return text
+
+
+def open_run(path: str | Path) -> "Run":
+    """A computed run (a folder with manifest.json), for querying."""
+    path = Path(path).resolve()
+    if not (path / MANIFEST).is_file():
+        raise AtlasError(f"no run at {path} (no {MANIFEST}); compute one with `clip-atlas compute`")
+    store = Store(path.parent)
+    info = store.run(path.name)
+    if not info.ok:
+        raise AtlasError(f"run {info.name} cannot be used: {info.problem}")
+    return Run(store, info)
+
+
+@dataclass
+class HeadView:
+    """One head: its label, its TextSpan texts, and the stored images furthest along its first direction."""
+    layer: int
+    head: int
+    property: str | None
+    confidence: float | None
+    texts: "pd.DataFrame"       # rank, text, variance_explained, cumulative_variance
+    top: "pd.DataFrame"         # image_id, path, label, score
+    bottom: "pd.DataFrame"
+
+
+class Run:
+    """A computed run: reads go through the query layer (DuckDB over the store); live work uses the run's model."""
+
+    def __init__(self, store: Store, info: RunInfo, model_loader: Callable[[str], LoadedModel] | None = None):
+        """`model_loader(spec)` supplies the model (the dashboard passes its process-wide cache); default `load`."""
+        self.store, self.info = store, info
+        self.manifest: dict = info.manifest or {}
+        self._model: LoadedModel | None = None
+        self._loader = model_loader or load
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Run({self.info.name!r}: {m.get('model')}, {m.get('image_count')} images, head layers {m.get('head_layers')})"
+
+    @property
+    def model(self) -> LoadedModel:
+        """The run's model, loaded on first use."""
+        if self._model is None:
+            self._model = self._loader(self.manifest["model"])
+        return self._model
+
+    # ---- tables
+    def images(self) -> "pd.DataFrame":
+        import pandas as pd
+        rows = self.store.gallery(self.info, limit=self.store.image_count(self.info))
+        df = pd.DataFrame(rows, columns=["image_id", "path", "label"])
+        df["file"] = [str(full_path(self.info, p)) for p in df["path"]]
+        return df
+
+    def heads(self) -> "pd.DataFrame":
+        """layer, head, property, confidence, texts (list), variance_explained (of the head, by its texts), stability."""
+        import pandas as pd
+        labels = {(l, h): (p, c) for l, h, p, c in self.store.properties(self.info)}
+        summary = {(l, h): (e, s) for l, h, e, s in self.store.textspan_summary(self.info)}
+        texts: dict[tuple[int, int], list[str]] = {}
+        for l, h, _, text in self.store.all_head_texts(self.info):
+            texts.setdefault((l, h), []).append(text)
+        rows = []
+        for layer in self.manifest.get("head_layers", []):
+            for head in range(self.manifest["heads"]):
+                p, c = labels.get((layer, head), (None, None))
+                e, s = summary.get((layer, head), (None, None))
+                rows.append((layer, head, p, c, texts.get((layer, head), []), e, s))
+        return pd.DataFrame(rows, columns=["layer", "head", "property", "confidence", "texts",
+                                           "variance_explained", "stability"])
+
+    def head(self, layer: int, head: int, k: int = 8) -> HeadView:
+        import pandas as pd
+        self._check_head(layer, head)
+        label = {(l, h): (p, c) for l, h, p, c in self.store.properties(self.info)}.get((layer, head), (None, None))
+        texts = pd.DataFrame(self.store.head_texts(self.info, layer, head),
+                             columns=["rank", "text", "variance_explained", "cumulative_variance"])
+        direction = self.store.head_direction(self.info, layer, head)
+        top = bottom = self._hits([])
+        if direction is not None:
+            top = self._hits(self.store.head_top_k(self.info, layer, head, direction, k=k))
+            bottom = self._hits(self.store.head_top_k(self.info, layer, head, -direction, k=k))
+            bottom["score"] = -bottom["score"]
+        return HeadView(layer, head, label[0], label[1], texts, top, bottom)
+
+    # ---- neighbours
+    def neighbours(self, image: ImageLike, layer: int, head: int, k: int = 8) -> "pd.DataFrame":
+        """Stored images whose contribution through (layer, head) is nearest (dot product) to the image's."""
+        self._check_head(layer, head)
+        image_id, pil = self._resolve(image)
+        if image_id is not None:
+            query = self.store.stored_head(self.info, image_id, layer, head)
+        else:
+            query = self._live_heads(pil, (layer,))[0, head]
+        return self._hits(self.store.head_top_k(self.info, layer, head, query, k=k, exclude=image_id))
+
+    def text_neighbours(self, text: str, layer: int, head: int, k: int = 8) -> "pd.DataFrame":
+        """Stored images whose contribution through (layer, head) points most along the text's embedding."""
+        self._check_head(layer, head)
+        query = self.model.encode_texts([clean_text(text)])[0].float().cpu().numpy()
+        return self._hits(self.store.head_top_k(self.info, layer, head, query, k=k))
+
+    def property_neighbours(self, image: ImageLike, property: str, k: int = 4) -> "pd.DataFrame":
+        """Stored images nearest by the mean contribution of the heads labelled `property`."""
+        names = self.store.property_names(self.info)
+        if property not in names:
+            raise AtlasError(f"no property vectors for {property!r} in {self.info.name} (have: {', '.join(names) or 'none'};"
+                             " `clip-atlas label RUN` writes them)")
+        image_id, pil = self._resolve(image)
+        if image_id is not None:
+            query = self.store.stored_property_vector(self.info, image_id, property)
+        else:
+            heads = self.store.heads_with_property(self.info, property)
+            layers = tuple(sorted({l for l, _ in heads}))
+            contrib = self._live_heads(pil, layers)
+            query = np.mean([contrib[layers.index(l), h] for l, h in heads], axis=0)
+        return self._hits(self.store.property_top_k(self.info, property, query, k=k, exclude=image_id))
+
+    # ---- live maps
+    def segment(self, image: ImageLike, text: str, heads: list[tuple[int, int]] | None = None) -> np.ndarray:
+        """Per patch, the direct contributions of `heads` (all heads of all layers when None) dotted with the
+        text's embedding: [grid_h, grid_w]."""
+        from .maths.segment import heatmap, token_maps
+        maps = token_maps(self.model, self._pil(image), self._map_layers(heads))
+        return heatmap(maps, self.model.encode_texts([clean_text(text)])[0], heads)
+
+    def contrast(self, image: ImageLike, text_a: str, text_b: str,
+                 heads: list[tuple[int, int]] | None = None) -> np.ndarray:
+        """The map for A minus the map for B: positive where the image speaks for A rather than B."""
+        from .maths.segment import contrastive, token_maps
+        maps = token_maps(self.model, self._pil(image), self._map_layers(heads))
+        t = self.model.encode_texts([clean_text(text_a), clean_text(text_b)])
+        return contrastive(maps, t[0], t[1], heads)[0]
+
+    # ---- helpers
+    def _check_head(self, layer: int, head: int) -> None:
+        stored = self.manifest.get("head_layers", [])
+        if layer not in stored:
+            raise AtlasError(f"layer {layer} is not stored in {self.info.name} (stored: {', '.join(map(str, stored))})")
+        if not 0 <= head < self.manifest["heads"]:
+            raise AtlasError(f"head {head} is out of range (0-{self.manifest['heads'] - 1})")
+
+    def _map_layers(self, heads: list[tuple[int, int]] | None) -> list[int]:
+        n = self.manifest["layers"]
+        if heads is None:
+            return list(range(n))
+        for l, h in heads:
+            if not (0 <= l < n and 0 <= h < self.manifest["heads"]):
+                raise AtlasError(f"head {l}.{h} is outside a model with {n} layers of {self.manifest['heads']} heads")
+        return sorted({l for l, _ in heads})
+
+    def _resolve(self, image: ImageLike) -> tuple[int | None, Image.Image | None]:
+        """(image_id, None) for a stored image, (None, PIL image) for any other."""
+        if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
+            if int(image) not in self.store.image_info(self.info, [int(image)]):
+                raise AtlasError(f"no image with id {image} in {self.info.name}")
+            return int(image), None
+        if isinstance(image, Image.Image):
+            return None, image.convert("RGB")
+        if isinstance(image, (str, Path)):
+            root = Path(self.manifest["images_root"])
+            p = Path(image)
+            rel = p.resolve().relative_to(root).as_posix() if p.is_absolute() and p.resolve().is_relative_to(root) else p.as_posix()
+            found = self.store.image_by_path(self.info, rel)
+            if found is not None:
+                return found, None
+            if p.is_file():
+                return None, _as_pil(p)
+            raise AtlasError(f"{image}: neither a stored image of {self.info.name} nor a file")
+        raise AtlasError(f"an image is an image_id, a path or a PIL image, not {type(image).__name__}")
+
+    def _pil(self, image: ImageLike) -> Image.Image:
+        image_id, pil = self._resolve(image)
+        if pil is None:
+            pil = _as_pil(self.store.image_path(self.info, image_id))
+        return pil
+
+    def _live_heads(self, image: Image.Image, layers: tuple[int, ...]) -> np.ndarray:
+        m = self.model
+        with torch.no_grad():
+            d = m.decomposer(head_layers=layers)(m.preprocess(image)[None].to(m.device))
+        return d.heads[0].float().cpu().numpy()
+
+    def _hits(self, hits: list[tuple[int, float]]) -> "pd.DataFrame":
+        import pandas as pd
+        info = self.store.image_info(self.info, [i for i, _ in hits]) if hits else {}
+        rows = [(i, info.get(i, (None, None))[0], info.get(i, (None, None))[1], s) for i, s in hits]
+        df = pd.DataFrame(rows, columns=["image_id", "path", "label", "score"])
+        df["file"] = [str(full_path(self.info, p)) if p else None for p in df["path"]]
+        return df
