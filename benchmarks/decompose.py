@@ -7,7 +7,6 @@ Ratios are measured in one process, alternating the two paths, on random-init mo
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import median, timeit, verdict  # noqa: E402
+from benchmarks.common import median, peak_rss_of, timeit, verdict  # noqa: E402
 from compute.maths.decompose import Decomposer, resolve_layers  # noqa: E402
 from compute.job import stack_components  # noqa: E402
 from compute.models import load_model  # noqa: E402
@@ -59,12 +58,10 @@ def peak_rss(n: int) -> None:
         data, out = Path(tmp) / "data", Path(tmp) / "run"
         subprocess.run([sys.executable, "-m", "compute.cli", "shapes", "generate", "--n", str(n), "--out", str(data)],
                        check=True, capture_output=True)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        subprocess.run([sys.executable, "-m", "compute.cli", "compute", "--model", "ViT-B-32:random", "--images", str(data),
-                        "--out", str(out)], check=True, capture_output=True)
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        print(f"peak RSS of `clip-atlas compute` on {n} images (ViT-B-32, last4 heads): {max(rss, before) / 2**20:.2f} GB "
-              f"(target <= 2 GB: {verdict(max(rss, before) / 2**20 <= 2)})")
+        rss = peak_rss_of([sys.executable, "-m", "compute.cli", "compute", "--model", "ViT-B-32:random",
+                           "--images", str(data), "--out", str(out)])
+        print(f"peak RSS of `clip-atlas compute` on {n} images (ViT-B-32, last4 heads): {rss / 2**30:.2f} GiB "
+              f"(target <= 2 GB: {verdict(rss / 2**30 <= 2)})")
 
 
 if __name__ == "__main__":
