@@ -15,7 +15,8 @@ def _compute(a: argparse.Namespace) -> None:
     from .job import ComputeConfig, run_compute
     m = run_compute(ComputeConfig(model=a.model, images=a.images, out=a.out, layers=a.layers,
                                   batch_size=a.batch_size, device=a.device, limit=a.limit, labels=a.labels,
-                                  chunk_size=a.chunk_size, precision=a.precision, workers=a.workers))
+                                  chunk_size=a.chunk_size, precision=a.precision, workers=a.workers,
+                                  store_dtype=a.store_dtype))
     if m["rank"] == 0:
         print(f"{m['status']}: {m['image_count']} images, {len(m['skipped'])} skipped -> {a.out}")
 
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--labels", default=None, help="CSV with path,label: the images it lists, labelled (default: IMAGES/labels.csv if present)")
     c.add_argument("--chunk-size", type=int, default=None, help="images per committed chunk (default: by memory)")
     c.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPU")
+    c.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+                   help="element type of the stored head and component contributions (float16: half the disk; "
+                        "docs/store.md gives its tolerance)")
     c.add_argument("--workers", type=int, default=None,
                    help="image decoding threads (default: the cores available, divided among the ranks of a node)")
     c.set_defaults(func=_compute)

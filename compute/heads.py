@@ -1,6 +1,12 @@
-"""Reading per-head contributions (and other vector columns) out of a run as numpy."""
+"""Reading per-head contributions (and other vector columns) out of a run as numpy.
+
+Whole-run readers (`read_head`, `read_heads`, `read_components`) hold every image at once; the steps after
+compute use the streaming ones (`iter_head`, `iter_chunks`), whose memory is one chunk's rows whatever the
+number of images.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -55,11 +61,12 @@ def read_heads(store: RunStore, pairs: list[tuple[int, int]]) -> tuple[np.ndarra
     return ids0, np.stack(out)
 
 
-def read_images(store: RunStore) -> pa.Table:
+def read_images(store: RunStore, columns: list[str] | None = None) -> pa.Table:
+    """The images table sorted by image_id (`columns` to leave the embeddings out)."""
     files = sorted((store.root / "images").glob("*.parquet"))
     if not files:
         raise AtlasError(f"{store.root}: no image rows")
-    table = pa.concat_tables(pq.read_table(f) for f in files)
+    table = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
     return table.take(pc.sort_indices(table, [("image_id", "ascending")]))
 
 
@@ -78,3 +85,63 @@ def read_components(store: RunStore) -> tuple[np.ndarray, list[str], list[int | 
     order = np.argsort(ids, kind="stable")
     start = int(first[0])
     return uniq, kinds[start:start + K], layers[start:start + K], vec[order].reshape(len(uniq), K, -1)
+
+
+@dataclass
+class ChunkRows:
+    """One committed chunk's rows, aligned: image i of `ids` is row i of every array."""
+    key: str
+    ids: np.ndarray                      # [n]
+    embedding: np.ndarray | None         # [n, D]
+    components: np.ndarray | None        # [n, K, D] in component_layout order
+    heads: np.ndarray | None             # [len(pairs), n, D]
+    labels: list | None = None
+
+
+def chunk_keys(store: RunStore) -> list[str]:
+    """The committed chunks, in a stable order."""
+    keys = sorted(m["key"] for m in store.markers() if m.get("paths"))
+    if not keys:
+        raise AtlasError(f"{store.root}: no committed chunks; is the run computed?")
+    return keys
+
+
+def iter_chunks(store: RunStore, pairs: list[tuple[int, int]] = (), embedding: bool = True,
+                components: bool = False, labels: bool = False) -> Iterator[ChunkRows]:
+    """Every chunk's rows: the image embeddings, components and the listed heads, one chunk at a time.
+    A chunk's part files share its key and its row order, which the store guarantees (see store.py)."""
+    for key in chunk_keys(store):
+        name = f"part-{key}.parquet"
+        img = pq.read_table(store.root / "images" / name, columns=["image_id", "embedding", "label"]
+                            if labels else ["image_id", "embedding"])
+        ids = img.column("image_id").to_numpy()
+        comp = None
+        if components:
+            flat = vector_column(pq.read_table(store.root / "components" / name, columns=["contribution"]), "contribution")
+            comp = flat.reshape(len(ids), -1, flat.shape[1])
+        H = None
+        if pairs:
+            H = np.stack([vector_column(pq.read_table(store.head_dir(l, h) / name, columns=["contribution"]), "contribution")
+                          for l, h in pairs])
+        yield ChunkRows(key, ids, vector_column(img, "embedding") if embedding else None, comp, H,
+                        img.column("label").to_pylist() if labels else None)
+
+
+def read_rows(files: list, column: str, wanted: np.ndarray) -> np.ndarray:
+    """The `column` vectors of the image_ids in `wanted` (sorted), streamed file by file: [len(wanted), D]."""
+    out = None
+    found = 0
+    for f in files:
+        t = pq.read_table(f, columns=["image_id", column])
+        ids = t.column("image_id").to_numpy()
+        hit = np.isin(ids, wanted)
+        if not hit.any():
+            continue
+        X = vector_column(t.filter(pa.array(hit)), column)
+        if out is None:
+            out = np.zeros((len(wanted), X.shape[1]), np.float32)
+        out[np.searchsorted(wanted, ids[hit])] = X
+        found += int(hit.sum())
+    if found != len(wanted):
+        raise AtlasError(f"{len(wanted) - found} of the requested images are missing from {files[0].parent if files else '?'}")
+    return out

@@ -35,6 +35,7 @@ class ComputeConfig:
     labels: str | None = None
     chunk_size: int | None = None
     precision: str = "fp32"
+    store_dtype: str = "float32"
     workers: int | None = None   # default_workers()
 
 
@@ -164,6 +165,9 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
     root = Path(cfg.images)
     refs = find_images(root, cfg.labels, cfg.limit)
     device = pick_device(cfg.device)
+    from .store import STORE_DTYPES
+    if cfg.store_dtype not in STORE_DTYPES:
+        raise AtlasError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
     if cfg.precision != "fp32" and device.type != "cuda":
         raise AtlasError("bf16/fp16 autocast needs a GPU; use --precision fp32 on CPU")
     if loaded is None:
@@ -178,9 +182,10 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
               "width": info.width, "embed_dim": info.embed_dim, "patch_grid": list(info.grid),
               "image_size": list(info.image_size), "pool_type": info.pool_type, "head_layers": head_layers,
               "images_root": str(root.resolve()), "image_limit": cfg.limit, "versions": versions(),
-              "component_kinds": ["embed", "attn", "attn_bias", "mlp", "ln_bias"]}
+              "component_kinds": ["embed", "attn", "attn_bias", "mlp", "ln_bias"], "store_dtype": cfg.store_dtype}
     if dist.rank == 0:
-        store.start(fields, identity=("model", "architecture", "tag", "head_layers", "images_root", "image_limit"))
+        store.start(fields, identity=("model", "architecture", "tag", "head_layers", "images_root", "image_limit",
+                                      "store_dtype"))
         store.remove_orphans()
     dist.barrier()
     done = store.done_paths()
@@ -212,17 +217,17 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
                 chunk.heads.append(d.heads.float().cpu().numpy())
             bar.update(len(batch) + len(skipped))
             if len(chunk) + len(chunk.skipped) >= chunk_size:
-                store.write_chunk(chunk, head_layers, dist.rank)
+                store.write_chunk(chunk, head_layers, dist.rank, cfg.store_dtype)
                 chunk = Chunk()
     except KeyboardInterrupt:
         # what is decoded and decomposed is complete; keep it, then stop
         if len(chunk) or chunk.skipped:
-            store.write_chunk(chunk, head_layers, dist.rank)
+            store.write_chunk(chunk, head_layers, dist.rank, cfg.store_dtype)
         bar.close()
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130)
     if len(chunk) or chunk.skipped:
-        store.write_chunk(chunk, head_layers, dist.rank)
+        store.write_chunk(chunk, head_layers, dist.rank, cfg.store_dtype)
     bar.close()
     dist.barrier()
     if dist.rank == 0:

@@ -44,9 +44,12 @@ def zero_shot_accuracy(embeddings: np.ndarray, class_emb: np.ndarray, labels: np
 
 def textspan_reconstruction(C: np.ndarray, directions: np.ndarray) -> np.ndarray:
     """[H, N, D] contributions, [H, m, D] orthonormal TextSpan directions -> reconstructions (mean + span part)."""
-    mean = C.mean(1, keepdims=True)
-    C0 = C - mean
-    return mean + np.einsum("hnd,hmd,hme->hne", C0, directions, directions)
+    return textspan_reconstruction_around(C, C.mean(1, keepdims=True), directions)
+
+
+def textspan_reconstruction_around(C: np.ndarray, mean: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """The same around a given per-head mean [H, 1, D] (the whole run's, when C is one chunk of it)."""
+    return mean + np.einsum("hnd,hmd,hme->hne", C - mean, directions, directions)
 
 
 def _rows(run: str, model: str) -> tuple[dict[str, list], Callable[..., None]]:
@@ -58,49 +61,82 @@ def _rows(run: str, model: str) -> tuple[dict[str, list], Callable[..., None]]:
     return rows, add
 
 
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
 def run_metrics(run: str, progress: bool = True) -> pa.Table:
-    """`clip-atlas metrics`: RUN/metrics.parquet with model-, layer- and head-scope rows."""
-    from .heads import read_components, read_heads, read_images, vector_column
+    """`clip-atlas metrics`: RUN/metrics.parquet with model-, layer- and head-scope rows.
+
+    Two streamed passes over the run's chunks (memory: one chunk's rows, whatever the number of images):
+    the first sums what the mean ablations need, the second scores each image against those means."""
+    from .heads import iter_chunks, vector_column
+    from .job import component_layout
     store = RunStore(run)
     man = store.manifest()
     if man.get("status") != "complete":
         raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
     rows, add = _rows(store.root.name, man["model"])
-    images = read_images(store)
-    emb = vector_column(images, "embedding")
-    ids, kinds, layers, comps = read_components(store)
-    labels_col = images.column("label").to_pylist()
+    kinds, layers = component_layout(man["layers"])
+    labels_col = pq.read_table(store.root / "images", columns=["label"]).column("label").to_pylist()
     zs = _zero_shot_setup(man["model"], labels_col) if any(labels_col) else None
-    if zs:
-        base_acc = zero_shot_accuracy(emb, zs[0], zs[1])
-        add("model", "zero_shot_accuracy", base_acc)
-    for kind in ("attn", "mlp"):
-        for k, (kd, layer) in enumerate(zip(kinds, layers)):
-            if kd != kind:
-                continue
-            add("layer", f"ablation_cosine_{kind}", ablation_cosine(emb, comps[:, k]), layer)
-            if zs:
-                ablated = emb - comps[:, k] + comps[:, k].mean(0, keepdims=True)
-                add("layer", f"ablation_zero_shot_{kind}", zero_shot_accuracy(ablated, zs[0], zs[1]), layer)
-    # TextSpan and labels, when present
+    index = {n: i for i, n in enumerate(zs[2])} if zs else {}
+    ablated = [k for k, kd in enumerate(kinds) if kd in ("attn", "mlp")]
+    # TextSpan: each head's directions, when present
     ts_path, pr_path = store.table_path("textspan"), store.table_path("properties")
+    pairs, dirs, last = [], None, []
     if ts_path.is_file():
         ts = pq.read_table(ts_path)
         ts = ts.take(pc.sort_indices(ts, [("layer", "ascending"), ("head", "ascending"), ("rank", "ascending")]))
         m = int(pc.max(ts.column("rank")).as_py()) + 1
         last = ts.filter(pc.equal(ts.column("rank"), m - 1)).to_pylist()
+        pairs = [(r["layer"], r["head"]) for r in last]
+        dirs = vector_column(ts, "direction").reshape(len(pairs), m, -1)
+
+    def labels_of(chunk) -> np.ndarray:
+        return np.array([index.get(lb, -1) for lb in chunk.labels])
+
+    # pass 1: sums for the means, and the model's own zero-shot accuracy
+    n, comp_sum, head_sum, correct = 0, 0.0, 0.0, 0
+    for chunk in iter_chunks(store, pairs, components=True, labels=True):
+        n += len(chunk.ids)
+        comp_sum = comp_sum + chunk.components.astype(np.float64).sum(0)
+        if pairs:
+            head_sum = head_sum + chunk.heads.astype(np.float64).sum(1)
+        if zs:
+            correct += int((np.argmax(chunk.embedding @ zs[0].T, 1) == labels_of(chunk)).sum())
+    comp_mean = (comp_sum / n).astype(np.float32)
+    head_mean = (head_sum / n).astype(np.float32)[:, None] if pairs else None
+    if zs:
+        add("model", "zero_shot_accuracy", correct / n)
+    # pass 2: each image against the means
+    cos_sum, zs_sum = np.zeros(len(kinds)), np.zeros(len(kinds))
+    recon_cos, recon_zs = 0.0, 0
+    for chunk in iter_chunks(store, pairs, components=True, labels=True):
+        emb, y = chunk.embedding, labels_of(chunk) if zs else None
+        for k in ablated:
+            abl = emb - chunk.components[:, k] + comp_mean[k]
+            cos_sum[k] += _cosine(emb, abl).sum()
+            if zs:
+                zs_sum[k] += int((np.argmax(abl @ zs[0].T, 1) == y).sum())
+        if pairs:
+            recon = textspan_reconstruction_around(chunk.heads, head_mean, dirs)
+            swapped = emb - chunk.heads.sum(0) + recon.sum(0)
+            recon_cos += _cosine(emb, swapped).sum()
+            if zs:
+                recon_zs += int((np.argmax(swapped @ zs[0].T, 1) == y).sum())
+    for kind in ("attn", "mlp"):
+        for k in (k for k in ablated if kinds[k] == kind):
+            add("layer", f"ablation_cosine_{kind}", cos_sum[k] / n, layers[k])
+            if zs:
+                add("layer", f"ablation_zero_shot_{kind}", zs_sum[k] / n, layers[k])
+    if pairs:
         for r in last:
             add("head", "variance_explained", r["cumulative_variance"], r["layer"], r["head"])
         add("model", "variance_explained", np.mean([r["cumulative_variance"] for r in last]))
-        pairs = [(r["layer"], r["head"]) for r in last]
-        dirs = vector_column(ts, "direction").reshape(len(pairs), m, -1)
-        _, C = read_heads(store, pairs)
-        recon = textspan_reconstruction(C, dirs)
-        swapped = emb - C.sum(0) + recon.sum(0)
-        cos = (emb * swapped).sum(1) / np.maximum(np.linalg.norm(emb, axis=1) * np.linalg.norm(swapped, axis=1), 1e-12)
-        add("model", "textspan_reconstruction_cosine", cos.mean())
+        add("model", "textspan_reconstruction_cosine", recon_cos / n)
         if zs:
-            add("model", "textspan_reconstruction_zero_shot", zero_shot_accuracy(swapped, zs[0], zs[1]))
+            add("model", "textspan_reconstruction_zero_shot", recon_zs / n)
     if pr_path.is_file():
         labels = [HeadLabel(**{k: r[k] for k in ("layer", "head", "property", "confidence", "method", "share") if k in r})
                   for r in pq.read_table(pr_path).to_pylist()]
@@ -127,7 +163,7 @@ def _zero_shot_setup(model: str, labels: list[str | None]):
     class_emb = loaded.encode_texts([f"a photo of a {n}." for n in names]).cpu().numpy()
     index = {n: i for i, n in enumerate(names)}
     y = np.array([index.get(l, -1) for l in labels])
-    return class_emb, y
+    return class_emb, y, names
 
 
 LEADERBOARD_SQL = """

@@ -198,19 +198,24 @@ def write_labels(store: RunStore, labels: list[HeadLabel]) -> None:
 
 
 def write_property_vectors(store: RunStore, labels: list[HeadLabel]) -> dict[str, int]:
-    """Per image and property, the mean contribution of that property's heads; one folder per property."""
+    """Per image and property, the mean contribution of that property's heads: one folder per property, one part
+    file per chunk of the run (streamed: memory is one chunk's rows)."""
     import shutil
 
-    from .heads import read_heads
+    from .heads import iter_chunks
     groups: dict[str, list[tuple[int, int]]] = {}
     for x in labels:
         if x.property != UNLABELLED:
             groups.setdefault(x.property, []).append((x.layer, x.head))
     shutil.rmtree(store.root / "property_vectors", ignore_errors=True)
-    for prop, pairs in groups.items():
-        ids, C = read_heads(store, pairs)
-        write_table_atomic(pa.table({"image_id": pa.array(ids, pa.int64()), "vector": vectors(C.mean(0))}),
-                           store.property_dir(prop) / "part-0.parquet")
+    pairs = sorted({lh for g in groups.values() for lh in g})
+    if pairs:
+        index = {lh: i for i, lh in enumerate(pairs)}
+        for rows in iter_chunks(store, pairs, embedding=False):
+            for prop, heads in groups.items():
+                mean = rows.heads[[index[lh] for lh in heads]].mean(0)
+                write_table_atomic(pa.table({"image_id": pa.array(rows.ids, pa.int64()), "vector": vectors(mean)}),
+                                   store.property_dir(prop) / f"part-{rows.key}.parquet")
     return {p: len(v) for p, v in groups.items()}
 
 

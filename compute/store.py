@@ -27,15 +27,21 @@ from .errors import AtlasError
 from .images import image_id
 
 SCHEMA_VERSION = 1
+#: Manifest fields added after the first schema-1 runs, with the value those runs had.
+LEGACY_FIELDS = {"store_dtype": "float32"}
 MANIFEST = "manifest.json"
 CHUNKS = "_chunks"
 # tables written by later steps (TextSpan, labels, metrics, ground truth): RUN/<name>.parquet
 DERIVED = ("texts", "textspan", "textspan_heads", "properties", "metrics", "shapes_heads", "shapes_models", "shapes_segmentation")
 
 
-def vectors(arr: np.ndarray) -> pa.FixedSizeListArray:
-    """[n, D] float32 -> a Parquet fixed-size list column."""
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+#: Element types a run may store its head and component contributions in (`compute --store-dtype`).
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def vectors(arr: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArray:
+    """[n, D] -> a Parquet fixed-size list column of float32 (or float16: half the disk; readers widen it)."""
+    arr = np.ascontiguousarray(arr, dtype=STORE_DTYPES[dtype])
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
 
 
@@ -122,7 +128,7 @@ class RunStore:
         if self.exists():
             m = self.manifest()
             for k in identity:
-                if m.get(k) != fields.get(k):
+                if m.get(k, LEGACY_FIELDS.get(k)) != fields.get(k):
                     raise AtlasError(f"{self.root} holds a run with {k}={m.get(k)!r}, not {fields.get(k)!r}; use another --out")
             m.update(status="partial", resumed_at=time.time())
             self.write_manifest(m)
@@ -161,7 +167,8 @@ class RunStore:
             p.unlink()
         return removed
 
-    def write_chunk(self, chunk: Chunk, head_layers: list[int], rank: int) -> None:
+    def write_chunk(self, chunk: Chunk, head_layers: list[int], rank: int, dtype: str = "float32") -> None:
+        """A chunk's parts, then its marker; head and component contributions in `dtype`, embeddings in float32."""
         key = chunk.key()
         if len(chunk):
             ids = pa.array(chunk.image_ids, pa.int64())
@@ -177,12 +184,12 @@ class RunStore:
                 "image_id": pa.array(np.repeat(chunk.image_ids, K), pa.int64()),
                 "kind": pa.array(kinds * b, pa.string()).dictionary_encode(),
                 "layer": pa.array(layers * b, pa.int16()),
-                "contribution": vectors(comp.reshape(b * K, -1))}),
+                "contribution": vectors(comp.reshape(b * K, -1), dtype)}),
                 self.root / "components" / f"part-{key}.parquet")
             heads = np.concatenate(chunk.heads)                               # [b, Ls, H, D]
             for li, layer in enumerate(head_layers):
                 for h in range(heads.shape[2]):
-                    write_table_atomic(pa.table({"image_id": ids, "contribution": vectors(heads[:, li, h])}),
+                    write_table_atomic(pa.table({"image_id": ids, "contribution": vectors(heads[:, li, h], dtype)}),
                                        self.head_dir(layer, h) / f"part-{key}.parquet")
         write_json_atomic({"key": key, "rank": rank, "paths": chunk.paths, "skipped": chunk.skipped},
                           self.root / CHUNKS / f"{key}.json")

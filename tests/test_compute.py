@@ -195,3 +195,29 @@ def test_workers_default_to_the_cores_of_this_rank(monkeypatch):
     assert job.default_workers() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     assert job.default_workers() == 1
+
+
+def test_float16_store_halves_disk_and_keeps_invariants_and_picks(tmp_path):
+    """--store-dtype float16 on the trained Shapes model, 300 fresh scenes (seed 206). Fixed beforehand: the
+    components sum to the embedding within 5e-4 (docs/store.md), and TextSpan's picks equal float32's."""
+    from compute.heads import read_components, read_images, vector_column
+    from compute.jobs.textspan import run_textspan
+    from compute.shapes.dataset import generate
+    data = generate(300, seed=206, out=tmp_path / "data", progress=False)
+    sizes, picks = {}, {}
+    for dt in ("float32", "float16"):
+        run = tmp_path / dt
+        run_compute(ComputeConfig("shapes", str(data), str(run), store_dtype=dt), progress=False)
+        store = RunStore(run)
+        assert store.manifest()["store_dtype"] == dt
+        _, _, _, comps = read_components(store)
+        emb = vector_column(read_images(store), "embedding")
+        assert np.abs(comps.sum(1) - emb).max() <= (1e-5 if dt == "float32" else 5e-4)
+        run_textspan(str(run), progress=False)
+        picks[dt] = fetch("SELECT layer, head, rank, text_id FROM read_parquet(?) ORDER BY ALL", [str(run / "textspan.parquet")])
+        sizes[dt] = sum(f.stat().st_size for d in ("heads", "components") for f in (run / d).rglob("*.parquet"))
+    assert picks["float16"] == picks["float32"]
+    assert sizes["float16"] < 0.6 * sizes["float32"]
+    # a run is resumed only with the dtype it was started with
+    assert main(["compute", "--model", "shapes", "--images", str(data), "--out", str(tmp_path / "float16"),
+                 "--store-dtype", "float32"]) == 2

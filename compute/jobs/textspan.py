@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..errors import AtlasError
 from ..heads import iter_head
-from ..store import RunStore, vectors
+from ..store import LEGACY_FIELDS, RunStore, vectors
 from ..maths.textspan import (PICK_FLOOR, STABILITY_K, UNSTABLE_BELOW, Moments, TextSpanResult, half_of, pick_overlap,
                         textspan_from_moments)
 
@@ -66,6 +66,7 @@ def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = D
     missing = sorted(set(chosen) - set(stored))
     if missing:
         raise AtlasError(f"layers {missing} were not stored in {run} (stored: {stored})")
+    store_dtype = man.get("store_dtype", LEGACY_FIELDS["store_dtype"])
     if pool == "auto":
         pool = default_pool(man.get("architecture", ""))
     texts = load_pool(pool)
@@ -87,8 +88,8 @@ def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = D
         group = pairs[i:i + heads_per_batch]
         a, b = head_moments(store, group, dev)
         whole = a + b
-        res = textspan_from_moments(whole, T, m=m, rank=rank, floor=floor)
-        ra, rb = (textspan_from_moments(x, T, m=m, rank=rank, floor=floor) for x in (a, b))
+        res = textspan_from_moments(whole, T, m=m, rank=rank, floor=floor, store_dtype=store_dtype)
+        ra, rb = (textspan_from_moments(x, T, m=m, rank=rank, floor=floor, store_dtype=store_dtype) for x in (a, b))
         _collect(group, res, ra, rb, picks_out, heads_out, dirs)
         for g, r in enumerate(res.rank.tolist()):
             heads_out["basis"].append(res.basis[g, :r].float().cpu().numpy().reshape(-1))

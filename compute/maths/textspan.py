@@ -15,6 +15,10 @@ basis (docs/textspan.md has the measurements). So here
 
 with RANK_TOL = D * eps(float32), the round-off of a float32 row of width D; and picking stops
 early when the best remaining text would explain less than PICK_FLOOR of the head's variance.
+Rows stored in float16 (`compute --store-dtype float16`) carry a rounding error E with
+||E||_2 <= ||E||_F <= u16 sqrt(D) ||C||_2 (u16 = 2^-11, per-element relative error; ||C||_F <= sqrt(D) s_max),
+which moves every singular value by at most that (Weyl), so for them RANK_TOL is also at least
+sqrt(D) u16 (5.5e-3 at D = 128): their noise directions never count as rank.
 At r <= the true rank and with no early stop this is exactly the reference algorithm.
 
 Sufficient statistics. Everything above needs C only through n, sum(C) and the Gram C^T C
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 RANK_TOL_EPS = torch.finfo(torch.float32).eps    # times D: RANK_TOL
+UNIT_ROUNDOFF = {"float32": 2.0 ** -24, "float16": 2.0 ** -11}   # of the stored rows: half their machine epsilon
 PICK_FLOOR = 1e-3                                # a pick must explain at least this share of the head's variance
 STABILITY_K = 5                                  # top picks compared between the two halves
 UNSTABLE_BELOW = 0.5                             # a head sharing fewer of its top picks between halves is flagged
@@ -91,18 +96,18 @@ class TextSpanResult:
         return self.picks[h, : int(self.n_picks[h])].tolist()
 
 
-def rank_tolerance(dim: int) -> float:
-    """Relative singular-value tolerance for width-`dim` rows stored in float32."""
-    return dim * RANK_TOL_EPS
+def rank_tolerance(dim: int, store_dtype: str = "float32") -> float:
+    """Relative singular-value tolerance for width-`dim` rows stored in `store_dtype`."""
+    return max(dim * RANK_TOL_EPS, dim ** 0.5 * UNIT_ROUNDOFF[store_dtype])
 
 
-def span_basis(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def span_basis(gram: torch.Tensor, rank: int, store_dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
     """[H, D, D] uncentered Gram -> (V [H, R, D] top right singular vectors, zero rows past each head's rank;
     ranks [H]), R = the largest rank used."""
     evals, evecs = torch.linalg.eigh(gram)                       # ascending
     evals, evecs = evals.flip(-1), evecs.flip(-1)
     sv = evals.clamp_min(0).sqrt()
-    tol = rank_tolerance(gram.shape[-1]) * sv[:, :1]
+    tol = rank_tolerance(gram.shape[-1], store_dtype) * sv[:, :1]
     ranks = (sv > tol).sum(-1).clamp(max=rank)
     R = max(int(ranks.max()), 1)
     keep = torch.arange(R, device=gram.device)[None, :] < ranks[:, None]    # [H, R]
@@ -144,9 +149,9 @@ def greedy_picks(t: torch.Tensor, cov: torch.Tensor, total: torch.Tensor, ranks:
 
 @torch.no_grad()
 def textspan_from_moments(moments: Moments, T: torch.Tensor, m: int = 20, rank: int = 80,
-                          floor: float = PICK_FLOOR) -> TextSpanResult:
+                          floor: float = PICK_FLOOR, store_dtype: str = "float32") -> TextSpanResult:
     """TextSpan for a batch of heads given their moments; T: [K, D] L2-normalised texts."""
-    V, ranks = span_basis(moments.gram, rank)                     # [H, R, D]
+    V, ranks = span_basis(moments.gram, rank, store_dtype)        # [H, R, D]
     H, R, D = V.shape
     cov_full = moments.covariance()
     total = cov_full.diagonal(dim1=-2, dim2=-1).sum(-1)           # trace of the covariance

@@ -56,7 +56,7 @@ def load_scenes(folder: str | Path) -> tuple[list[dict], np.ndarray]:
     folder = Path(folder)
     try:
         scenes = pq.read_table(folder / "scenes.parquet").to_pylist()
-        masks = np.load(folder / "masks.npy")
+        masks = np.load(folder / "masks.npy", mmap_mode="r")     # read per image: memory does not grow with N
     except (OSError, ValueError) as e:
         raise AtlasError(f"{folder} is not a Shapes dataset (scenes.parquet, masks.npy): {e}") from None
     return scenes, masks

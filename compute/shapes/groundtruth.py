@@ -30,6 +30,9 @@ from .world import ATTRIBUTES
 SPECIALISED_LIFT = 0.25
 SPECIALISED_MARGIN = 2.0
 K = 8
+#: Nearest-neighbour scores use at most this many one-object scenes (the first by image_id, a hash: a fixed
+#: random sample), so memory and time do not grow with the run; runs of up to ~5,000 scenes use them all.
+MAX_EVAL_SCENES = 4000
 
 
 def precision_at_k(C: np.ndarray, values: np.ndarray, k: int = K) -> float:
@@ -62,7 +65,7 @@ def scene_table(store: RunStore) -> tuple[np.ndarray, list[dict], np.ndarray, np
     man = store.manifest()
     scenes, masks = load_scenes(man["images_root"])
     row_of = {s["path"]: i for i, s in enumerate(scenes)}
-    images = read_images(store)
+    images = read_images(store, columns=["image_id", "path"])
     ids = images.column("image_id").to_numpy()
     paths = images.column("path").to_pylist()
     missing = [p for p in paths if p not in row_of]
@@ -72,15 +75,17 @@ def scene_table(store: RunStore) -> tuple[np.ndarray, list[dict], np.ndarray, np
 
 
 def single_object_values(scenes: list[dict], rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(mask of the one-object scenes among `rows`, attribute -> the value of each such scene)."""
+    """(mask of the one-object scenes among `rows` that are scored, attribute -> the value of each such scene);
+    at most MAX_EVAL_SCENES of them, the first in `rows`' order (image_id order)."""
     single = np.array([scenes[r]["n_objects"] == 1 for r in rows])
+    single &= np.cumsum(single) <= MAX_EVAL_SCENES
     values = {a: np.array([scenes[r]["background"] if a == "background" else scenes[r][f"obj1_{a}"] for r in rows])[single]
               for a in ATTRIBUTES}
     return single, values
 
 
 def evaluate_heads(store: RunStore, progress: bool = True) -> pa.Table:
-    from ..heads import read_head
+    from ..heads import head_files, read_rows
     man = store.manifest()
     ids, scenes, _, rows = scene_table(store)
     single, values = single_object_values(scenes, rows)
@@ -90,10 +95,7 @@ def evaluate_heads(store: RunStore, progress: bool = True) -> pa.Table:
     out: dict[str, list] = {k: [] for k in ("layer", "head", "attribute", "precision_at_8", "chance", "lift", "specialised")}
     pairs = [(l, h) for l in man["head_layers"] for h in range(man["heads"])]
     for layer, head in tqdm(pairs, desc="ground truth", unit="head", disable=not progress):
-        hid, C = read_head(store, layer, head)
-        if not np.array_equal(hid, ids):
-            raise AtlasError(f"{store.root}: head rows do not match image rows; is the run complete?")
-        C = C[single]
+        C = read_rows(head_files(store, layer, head), "contribution", ids[single])
         lifts = {}
         for a, v in values.items():
             p = precision_at_k(C, v)
@@ -120,7 +122,7 @@ def evaluate_segmentation(store: RunStore, n_images: int = 120, seed: int = 0, p
     from ..maths.segment import heatmap, iou_at_mean, token_maps, upsample
     man = store.manifest()
     ids, scenes, masks, rows = scene_table(store)
-    paths = read_images(store).column("path").to_pylist()
+    paths = read_images(store, columns=["image_id", "path"]).column("path").to_pylist()
     loaded = load_model(man["model"])
     pick = random.Random(seed).sample(range(len(ids)), min(n_images, len(ids)))
     out: dict[str, list] = {k: [] for k in ("image_id", "object", "text", "iou", "iou_shuffled")}

@@ -30,21 +30,17 @@ VALIDATION_SEED_BASE = 101
 P_AT = 4
 
 
-def property_precision(store: RunStore, values: dict[str, np.ndarray], single: np.ndarray, k: int = P_AT) -> dict[str, float]:
-    """precision@k of property search per labelled property that names an attribute."""
-    from ..heads import read_images, vector_column
-    ids = read_images(store).column("image_id").to_numpy()
+def property_precision(store: RunStore, ids: np.ndarray, values: dict[str, np.ndarray], single: np.ndarray,
+                       k: int = P_AT) -> dict[str, float]:
+    """precision@k of property search per labelled property that names an attribute (over the scored scenes)."""
+    from ..heads import read_rows
     out = {}
     for a, v in values.items():
         folder = store.property_dir(a)
         files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
         if not files:
             continue
-        t = pa.concat_tables(pq.read_table(f) for f in files)
-        order = np.argsort(t.column("image_id").to_numpy())
-        if not np.array_equal(t.column("image_id").to_numpy()[order], ids):
-            raise AtlasError(f"{store.root}: property vectors do not cover the run's images")
-        X = vector_column(t, "vector")[order][single]
+        X = read_rows(files, "vector", ids[single])
         sims = X @ X.T
         np.fill_diagonal(sims, -np.inf)
         nn = np.argpartition(-sims, k, axis=1)[:, :k]
@@ -59,9 +55,9 @@ def score_run(run: Path) -> dict[str, float]:
     truth = pq.read_table(store.table_path("shapes_heads")).to_pylist()
     labels = {(r["layer"], r["head"]): r["property"] for r in pq.read_table(store.table_path("properties")).to_pylist()}
     spec = [r for r in truth if r["specialised"]]
-    _, scenes, _, rows = scene_table(store)
+    ids, scenes, _, rows = scene_table(store)
     single, values = single_object_values(scenes, rows)
-    p4 = property_precision(store, values, single)
+    p4 = property_precision(store, ids, values, single)
     stab = pq.read_table(store.table_path("textspan_heads"), columns=["stability"]).column("stability").to_numpy()
     out = {
         "specialised_heads": float(len(spec)),
