@@ -109,6 +109,15 @@ def _textspan(a: argparse.Namespace) -> None:
           f"{ts['unstable_heads']} heads flagged unstable")
 
 
+def _index(a: argparse.Namespace) -> None:
+    from .maths.decompose import resolve_layers
+    from .store import RunStore
+    from .vindex import build_index
+    layers = resolve_layers(a.layers, RunStore(a.run).manifest()["layers"]) if a.layers else None
+    r = build_index(a.run, layers)
+    print(f"index: {r['built']} of {r['heads']} heads built ({r['heads'] - r['built']} were current) -> {r['path']}")
+
+
 def _label(a: argparse.Namespace) -> None:
     from .properties import run_label
     labels = run_label(a.run, a.method, a.reference)
@@ -197,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tags (default): majority of the head's texts, kept only when both halves of the images agree")
     lb.add_argument("--reference", default="general", help="tagged pool for --method similarity")
     lb.set_defaults(func=_label)
+
+    ix = sub.add_parser("index", help="memory-mapped per-head indexes for fast exact neighbour queries")
+    ix.add_argument("run")
+    ix.add_argument("--layers", default=None, help="only these stored layers (default: all stored)")
+    ix.set_defaults(func=_index)
 
     mt = sub.add_parser("metrics", help="interpretability metrics of a run")
     mt.add_argument("run")

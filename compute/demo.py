@@ -27,6 +27,7 @@ def build_shapes_store(data: Path, run: Path, n: int, seed: int, metrics: bool =
     from .shapes.dataset import generate
     from .shapes.groundtruth import evaluate_run
     from .jobs.textspan import run_textspan
+    from .vindex import build_index
     if not (data / "scenes.parquet").is_file():
         generate(n, seed=seed, out=data, progress=progress)
     rs = RunStore(run)
@@ -40,6 +41,7 @@ def build_shapes_store(data: Path, run: Path, n: int, seed: int, metrics: bool =
         evaluate_run(str(run), progress=progress)
     if metrics and not rs.table_path("metrics").is_file():
         run_metrics(str(run), progress=progress)
+    build_index(str(run), progress=progress)       # skips heads whose index is current
     return run
 
 

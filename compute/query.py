@@ -157,27 +157,22 @@ class Store:
                 self._matrices.popitem(last=False)
         return entry
 
-    @staticmethod
-    def _top_k(ids: np.ndarray, M: np.ndarray, query: np.ndarray, k: int, exclude: int | None) -> list[tuple[int, float]]:
-        scores = M @ np.asarray(query, np.float32).reshape(-1)
-        if exclude is not None:
-            scores = np.where(ids == exclude, -np.inf, scores)
-        k = max(0, min(k, int(np.isfinite(scores).sum())))
-        if k == 0:
-            return []
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return [(int(ids[i]), float(scores[i])) for i in top]
-
     def head_top_k(self, run: RunInfo, layer: int, head: int, query: np.ndarray, k: int = 8,
                    exclude: int | None = None) -> list[tuple[int, float]]:
-        ids, M = self._matrix(self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"), "contribution")
-        return self._top_k(ids, M, query, k, exclude)
+        """Exact top-k images by dot product with one head's contributions: from the head's memory-mapped index
+        when `clip-atlas index` built a current one (no re-read, any N), else from Parquet through DuckDB (LRU)."""
+        from .vindex import open_head_index, top_k
+        index = open_head_index(RunStore(run.path), layer, head)
+        if index is None:
+            index = self._matrix(self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"),
+                                 "contribution")
+        return top_k(*index, query, k, exclude)
 
     def property_top_k(self, run: RunInfo, prop: str, query: np.ndarray, k: int = 4,
                        exclude: int | None = None) -> list[tuple[int, float]]:
+        from .vindex import top_k
         ids, M = self._matrix(str(RunStore(run.path).property_dir(prop) / "*.parquet"), "vector")
-        return self._top_k(ids, M, query, k, exclude)
+        return top_k(ids, M, query, k, exclude)
 
     def head_top_k_sql(self, run: RunInfo, layer: int, head: int, query: np.ndarray, k: int = 8) -> list[tuple[int, float]]:
         """The same query answered by DuckDB from the Parquet files each time (the cold path; for benchmarks)."""

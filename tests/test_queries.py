@@ -55,3 +55,35 @@ def test_changed_files_are_reread(shapes_run, tmp_path):
     pq.write_table(pa.table({"image_id": t.column("image_id"), "contribution": vectors(boosted)}), f)
     after = s.head_top_k(info, 5, 0, q, k=1)
     assert after[0][0] == t.column("image_id")[-1].as_py() and after != before
+
+
+def test_memory_mapped_index_gives_the_same_answers_and_is_dropped_when_stale(shapes_run, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from compute.cli import main
+    from compute.heads import read_head
+    from compute.store import RunStore
+    from compute import vindex
+    from compute.vindex import open_head_index, top_k
+    run = tmp_path / "run"
+    shutil.copytree(shapes_run[0], run)
+    s = Store(tmp_path)
+    info = s.run("run")
+    q = np.random.default_rng(1).standard_normal(info.manifest["embed_dim"]).astype(np.float32)
+    before = s.head_top_k(info, 5, 2, q, k=7)                  # Parquet path
+    assert main(["index", str(run)]) == 0
+    ids, M = open_head_index(RunStore(run), 5, 2)
+    assert isinstance(M, np.memmap)
+    ref_ids, ref = read_head(RunStore(run), 5, 2)
+    order = np.argsort(ids)
+    assert np.array_equal(ids[order], ref_ids) and np.array_equal(np.asarray(M)[order], ref)
+    assert s.head_top_k(info, 5, 2, q, k=7) == before         # index path: the same exact answer
+    # scoring in blocks of 5 rows changes nothing
+    monkeypatch.setattr(vindex, "BLOCK_ROWS", 5)
+    assert top_k(ids, M, q, 7) == before
+    # a part file that changes makes the index stale: it is not used until rebuilt
+    part = next((run / "heads" / "layer=5" / "head=2").glob("*.parquet"))
+    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))
+    assert open_head_index(RunStore(run), 5, 2) is None
+    assert s.head_top_k(info, 5, 2, q, k=7) == before

@@ -1,0 +1,109 @@
+"""Per-head vector indexes: memory-mapped float32 matrices derived from the Parquet store, for exact top-k.
+
+    RUN/_index/heads/layer=L/head=H/vectors.npy    float32 [N, D] (memory-mapped when read)
+    RUN/_index/heads/layer=L/head=H/ids.npy        int64 [N]
+    RUN/_index/heads/layer=L/head=H/source.json    the part files (name, size, mtime) it was built from
+
+Why: a query over one head must not re-read Parquet (2 GB for a 1M x 512 head) nor keep whole heads in the
+process (the OS page cache keeps the hot ones, shared by every dashboard process). Measured against the
+alternatives in docs/benchmarks.md (benchmarks/scale.py). The index is a cache: `clip-atlas index RUN` builds
+it (streamed: one part file in memory at a time), a stale or missing index is simply not used, and deleting
+`_index/` loses nothing. Results are exact: brute-force scores in float32 over every row.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from .errors import AtlasError
+from .store import RunStore
+
+INDEX_DIR = "_index"
+#: Rows scored per block: bounds the temporary float32 copy of a block, whatever N.
+BLOCK_ROWS = 1 << 18
+
+
+def index_dir(store: RunStore, layer: int, head: int) -> Path:
+    return store.root / INDEX_DIR / "heads" / f"layer={int(layer)}" / f"head={int(head)}"
+
+
+def _signature(files: list[Path]) -> list[list]:
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def build_head_index(store: RunStore, layer: int, head: int) -> Path:
+    """Write (or rewrite) one head's index from its part files, streamed into a memory-mapped file."""
+    from .heads import head_files, vector_column
+    files = head_files(store, layer, head)
+    n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    first = pq.read_table(files[0], columns=["contribution"])
+    d = vector_column(first.slice(0, 1), "contribution").shape[1]
+    out = index_dir(store, layer, head)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_v, tmp_i = out / ".vectors.npy.tmp", out / ".ids.npy.tmp"
+    V = np.lib.format.open_memmap(tmp_v, mode="w+", dtype=np.float32, shape=(n, d))
+    ids = np.lib.format.open_memmap(tmp_i, mode="w+", dtype=np.int64, shape=(n,))
+    at = 0
+    for f in files:
+        t = pq.read_table(f)
+        k = t.num_rows
+        V[at:at + k] = vector_column(t, "contribution")
+        ids[at:at + k] = t.column("image_id").to_numpy()
+        at += k
+    V.flush()
+    ids.flush()
+    del V, ids
+    tmp_v.replace(out / "vectors.npy")
+    tmp_i.replace(out / "ids.npy")
+    (out / "source.json").write_text(json.dumps(_signature(files)))
+    return out
+
+
+def open_head_index(store: RunStore, layer: int, head: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids, memory-mapped vectors) when a current index exists, else None."""
+    from .heads import head_files
+    out = index_dir(store, layer, head)
+    try:
+        if json.loads((out / "source.json").read_text()) != _signature(head_files(store, layer, head)):
+            return None
+        return np.load(out / "ids.npy", mmap_mode="r"), np.load(out / "vectors.npy", mmap_mode="r")
+    except (OSError, ValueError, AtlasError):
+        return None
+
+
+def build_index(run: str | Path, layers: list[int] | None = None, progress: bool = True) -> dict:
+    """`clip-atlas index RUN`: every stored head's index (of `layers`, default all stored); skips current ones."""
+    store = RunStore(run)
+    man = store.manifest()
+    if man.get("status") != "complete":
+        raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
+    stored = man["head_layers"]
+    chosen = stored if layers is None else [l for l in layers if l in stored]
+    pairs = [(l, h) for l in chosen for h in range(man["heads"])]
+    built = 0
+    for layer, head in tqdm(pairs, desc="index", unit="head", disable=not progress):
+        if open_head_index(store, layer, head) is None:
+            build_head_index(store, layer, head)
+            built += 1
+    return {"heads": len(pairs), "built": built, "path": str(store.root / INDEX_DIR)}
+
+
+def top_k(ids: np.ndarray, M: np.ndarray, query: np.ndarray, k: int, exclude: int | None = None) -> list[tuple[int, float]]:
+    """Exact top-k by dot product over all rows of M (in memory or memory-mapped), scored block by block."""
+    q = np.asarray(query, np.float32).reshape(-1)
+    n = len(ids)
+    scores = np.empty(n, np.float32)
+    for i in range(0, n, BLOCK_ROWS):
+        np.dot(M[i:i + BLOCK_ROWS], q, out=scores[i:i + BLOCK_ROWS])
+    if exclude is not None:
+        scores[np.asarray(ids) == exclude] = -np.inf
+    k = max(0, min(k, int(np.isfinite(scores).sum())))
+    if k == 0:
+        return []
+    top = np.argpartition(-scores, k - 1)[:k]
+    top = top[np.argsort(-scores[top], kind="stable")]
+    return [(int(ids[i]), float(scores[i])) for i in top]
