@@ -49,7 +49,8 @@ def textspan_reconstruction(C: np.ndarray, directions: np.ndarray) -> np.ndarray
 
 def textspan_reconstruction_around(C: np.ndarray, mean: np.ndarray, directions: np.ndarray) -> np.ndarray:
     """The same around a given per-head mean [H, 1, D] (the whole run's, when C is one chunk of it)."""
-    return mean + np.einsum("hnd,hmd,hme->hne", C - mean, directions, directions)
+    # ((C - mean) D^T) D per head: two matmuls (a three-operand einsum would cost H n D^2 m)
+    return mean + ((C - mean) @ directions.transpose(0, 2, 1)) @ directions
 
 
 def _rows(run: str, model: str) -> tuple[dict[str, list], Callable[..., None]]:
