@@ -99,11 +99,14 @@ def top_k(ids: np.ndarray, M: np.ndarray, query: np.ndarray, k: int, exclude: in
     scores = np.empty(n, np.float32)
     for i in range(0, n, BLOCK_ROWS):
         np.dot(M[i:i + BLOCK_ROWS], q, out=scores[i:i + BLOCK_ROWS])
+    dropped = 0
     if exclude is not None:
-        scores[np.asarray(ids) == exclude] = -np.inf
-    k = max(0, min(k, int(np.isfinite(scores).sum())))
+        hit = np.asarray(ids) == exclude
+        scores[hit] = -np.inf
+        dropped = int(hit.sum())
+    k = max(0, min(k, n - dropped))
     if k == 0:
         return []
-    top = np.argpartition(-scores, k - 1)[:k]
+    top = np.argpartition(scores, n - k)[n - k:]      # in place of a negated copy: one pass fewer over N
     top = top[np.argsort(-scores[top], kind="stable")]
     return [(int(ids[i]), float(scores[i])) for i in top]
