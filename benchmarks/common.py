@@ -48,7 +48,7 @@ def peak_rss_of(cmd: list[str]) -> int:
     """The peak resident memory (bytes) of running `cmd`, measured as the process's own."""
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True, errors="replace")
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed: {r.stderr[-500:]}")
     return int(r.stdout.strip().splitlines()[-1]) * 1024     # ru_maxrss is in KiB on Linux

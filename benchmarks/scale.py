@@ -162,16 +162,38 @@ def retrieval(sizes: list[int], repeat: int = 20) -> None:
         print(line, flush=True)
 
 
+def shapes_eval_memory(sizes: list[int]) -> None:
+    """`clip-atlas shapes eval` needs a Shapes dataset: real scenes computed with the Shapes CLIP."""
+    from compute.job import ComputeConfig, run_compute
+    from compute.shapes.dataset import generate
+    print("\nPeak RSS of `clip-atlas shapes eval` (Shapes CLIP, last 4 layers x 8 heads, D 128):")
+    peaks = {}
+    for n in sizes:
+        root = CACHE / f"shapes-{n}"
+        if not (root / "run" / "manifest.json").is_file():
+            generate(n, seed=901, out=root / "data", progress=False)
+            run_compute(ComputeConfig("shapes", str(root / "data"), str(root / "run")), progress=False)
+        t = time.time()
+        peaks[n] = peak_rss_of([sys.executable, "-m", "compute.cli", "shapes", "eval", str(root / "run")]) / 2**30
+        print(f"  shapes eval {n:>9,} images: peak {peaks[n]:5.2f} GiB, {time.time() - t:6.0f} s", flush=True)
+    if len(sizes) >= 2:
+        grow = peaks[sizes[-1]] - peaks[sizes[0]]
+        print(f"  shapes eval {sizes[-1]:,} vs {sizes[0]:,}: +{grow:.2f} GiB (target < 1 GiB: {verdict(grow < 1.0)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--steps", default="textspan,label,metrics,index")
     ap.add_argument("--retrieval", default="100000,1000000")
+    ap.add_argument("--shapes", default="10000,100000", help="Shapes stores for `shapes eval` ('' to skip)")
     a = ap.parse_args()
     if a.retrieval:
         retrieval([int(x) for x in a.retrieval.split(",")])
     if a.sizes:
         steps_memory([int(x) for x in a.sizes.split(",")], [s for s in a.steps.split(",") if s])
+    if a.shapes:
+        shapes_eval_memory([int(x) for x in a.shapes.split(",")])
     print(json.dumps({"cache": str(CACHE)}))
 
 

@@ -42,7 +42,7 @@ class GroupedSet:
     group_names: list[str]
 
 
-def _read_csv(path: str | Path, columns: tuple[str, ...], what: str) -> list[dict]:
+def read_csv_rows(path: str | Path, columns: tuple[str, ...], what: str) -> list[dict]:
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8") as f:
@@ -61,11 +61,11 @@ def read_grouped_set(images: str | Path, groups_csv: str | Path, classes_csv: st
     images = Path(images)
     if not images.is_dir():
         raise AtlasError(f"image folder not found: {images}")
-    cls_rows = _read_csv(classes_csv, ("label", "prompt"), "classes")
+    cls_rows = read_csv_rows(classes_csv, ("label", "prompt"), "classes")
     classes = [r["label"] for r in cls_rows]
     if len(set(classes)) != len(classes):
         raise AtlasError(f"classes file {classes_csv} lists a label twice")
-    rows = _read_csv(groups_csv, ("path", "label", "group"), "groups")
+    rows = read_csv_rows(groups_csv, ("path", "label", "group"), "groups")
     unknown = sorted({r["label"] for r in rows} - set(classes))
     if unknown:
         raise AtlasError(f"labels {', '.join(unknown[:3])} in {groups_csv} are not in {classes_csv}")

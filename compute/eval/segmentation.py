@@ -51,8 +51,8 @@ def class_texts(loaded: LoadedModel, classes: str) -> tuple[list[str], torch.Ten
         prompts = [t(c) for c in names for t in OPENAI_IMAGENET_TEMPLATES]
         emb = loaded.encode_texts(prompts, progress=True).view(len(names), k, -1).mean(1)
         return names, F.normalize(emb, dim=-1)
-    from .ablation import _read_csv
-    rows = _read_csv(classes, ("label", "prompt"), "classes")
+    from .ablation import read_csv_rows
+    rows = read_csv_rows(classes, ("label", "prompt"), "classes")
     return [r["label"] for r in rows], loaded.encode_texts([r["prompt"] for r in rows])
 
 
