@@ -262,10 +262,8 @@ class Run:
         return pil
 
     def _live_heads(self, image: Image.Image, layers: tuple[int, ...]) -> np.ndarray:
-        m = self.model
-        with torch.no_grad():
-            d = m.decomposer(head_layers=layers)(m.preprocess(image)[None].to(m.device))
-        return d.heads[0].float().cpu().numpy()
+        """[len(layers), H, D] for one image (layers sorted)."""
+        return decompose(self.model, [image], layers=list(layers)).heads[0].float().numpy()
 
     def _hits(self, hits: list[tuple[int, float]]) -> "pd.DataFrame":
         import pandas as pd

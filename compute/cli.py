@@ -56,11 +56,9 @@ def _eval_segmentation(a: argparse.Namespace) -> None:
     from .eval.segmentation import evaluate_segmentation, format_rows, pair_examples, write_rows
     from .job import pick_device
     from .models import load_model
-    from .eval.segmentation import METHODS
+    from .eval.segmentation import check_methods
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
-    bad = [m for m in methods if m not in METHODS] or ([] if methods else ["(none)"])
-    if bad:
-        raise AtlasError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    check_methods(methods)
     if not str(a.out).endswith((".parquet", ".csv")):
         raise AtlasError(f"--out must end in .parquet or .csv: {a.out}")
     pairing = pair_examples(a.images, a.masks, a.labels, a.limit, need_labels=a.classes is None)

@@ -9,7 +9,6 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from compute.api import clean_text  # noqa: F401  (pages use live.clean_text)
 from compute.errors import AtlasError
 from compute.images import BadImage, load_image
 from compute.models import LoadedModel, load_model

@@ -96,6 +96,7 @@ class HeadScores:
     heads: np.ndarray
     layers: list[int]
     kept: np.ndarray          # indices into the set of the images that decoded
+    texts: torch.Tensor       # [C, D] the class prompts' embeddings (float64)
 
 
 @torch.no_grad()
@@ -122,7 +123,7 @@ def head_scores(loaded: LoadedModel, data: GroupedSet, layers: list[int], batch_
     bar.close()
     if not kept:
         raise AtlasError("none of the listed images could be decoded")
-    return HeadScores(np.concatenate(base), np.concatenate(heads), layers, np.array(kept))
+    return HeadScores(np.concatenate(base), np.concatenate(heads), layers, np.array(kept), texts)
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, group_names: list[str]) -> dict:
@@ -209,7 +210,7 @@ def run_ablation(loaded: LoadedModel, data: GroupedSet, ablate: str | None = Non
     conditions = [{"name": "base", **accuracy(hs.base, y, g, data.group_names), "heads": []}]
     draws = []
     if heads:
-        means = (run_means(run, layers, info.heads, loaded.encode_texts(data.prompts)) if mean_from == "run"
+        means = (run_means(run, layers, info.heads, hs.texts) if mean_from == "run"
                  else hs.heads.mean(0))
         rng = random.Random(seed)
         pool = [(layer, h) for layer in layers for h in range(info.heads)]

@@ -62,6 +62,12 @@ class Pairing:
     skipped: dict[str, int] = field(default_factory=dict)   # reason -> count
 
 
+def check_methods(methods: tuple[str, ...]) -> None:
+    bad = [m for m in methods if m not in METHODS] or ([] if methods else ["(none)"])
+    if bad:
+        raise AtlasError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+
+
 def default_template(loaded: LoadedModel) -> str:
     return TEMPLATES["shapes" if loaded.info.architecture.startswith("clip-atlas-shapes") else "default"]
 
@@ -150,9 +156,7 @@ def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[
     """(one row per method: method, images, pixel_accuracy, miou, map, seconds spent in its maps;
     skipped examples per reason). With `classes`, each image's text is the model's zero-shot prediction among
     them (ImageNet-Segmentation has no labels: the papers use the predicted class), else its label."""
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise AtlasError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    check_methods(methods)
     token_layers = resolve_layers(layers, loaded.info.layers)
     if classes is not None:
         labels, emb = class_texts(loaded, classes)

@@ -41,7 +41,8 @@ class Decomposition:
     head_layers: list[int]
     heads: torch.Tensor       # [B, len(head_layers), H, D]
     token_layers: list[int]
-    tokens: torch.Tensor | None  # [B, len(token_layers), H, N, D] per source token (N includes the class token)
+    tokens: torch.Tensor | None  # [B, len(token_layers), H, N, D] per source token (N includes the class token);
+                                 # [..., K] when projected on K token_directions
 
     def total(self) -> torch.Tensor:
         """The sum of all components; equals `embedding` up to float error."""

@@ -1,6 +1,7 @@
 """Text A against text B on one image: the two difference maps on one shared scale."""
 import streamlit as st
 
+from compute.api import clean_text
 from compute.maths.segment import contrastive, symmetric_range
 
 from dashboard import live
@@ -16,7 +17,7 @@ with show_errors():
     set_params(a=text_a or None, b=text_b or None)
     img = pick_image(s, run)
     if img is not None:
-        text_a, text_b = live.clean_text(text_a), live.clean_text(text_b)
+        text_a, text_b = clean_text(text_a), clean_text(text_b)
         maps = live.image_token_maps(spec, img.image)
         a_minus_b, b_minus_a = contrastive(maps, live.text_embedding(spec, text_a), live.text_embedding(spec, text_b), heads)
         vmin, vmax = symmetric_range(a_minus_b, b_minus_a)

@@ -1,6 +1,7 @@
 """Where in the image does one head (or all) write the direction of a text?"""
 import streamlit as st
 
+from compute.api import clean_text
 from compute.maths.segment import heatmap, symmetric_range
 
 from dashboard import live
@@ -14,7 +15,7 @@ with show_errors():
     set_params(text=text or None)
     img = pick_image(s, run)
     if img is not None:
-        text = live.clean_text(text)
+        text = clean_text(text)
         maps = live.image_token_maps(spec, img.image)
         heat = heatmap(maps, live.text_embedding(spec, text), heads)
         c1, c2 = st.columns(2)
