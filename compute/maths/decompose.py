@@ -145,6 +145,7 @@ class Decomposer:
             self.bias_dir.append((b.to(fd) * ls) @ self.P if b is not None else torch.zeros_like(self.beta_proj))
 
     def _pool_slice(self) -> slice:
+        """The residual rows the readout pools: the class token, or every patch token (average pooling)."""
         return slice(0, 1) if self.visual.pool_type == "tok" else slice(1, None)
 
     def _attention(self, blk, h: torch.Tensor, sl: slice, want_tokens: bool):
@@ -187,14 +188,18 @@ class Decomposer:
         with torch.autocast(x.device.type, enabled=False):
             return self._readout(x, sl, terms, z_sel, maps_in, token_directions)
 
-    def _readout(self, x, sl, terms, z_sel, maps_in, token_directions=None) -> Decomposition:
-        v, fd = self.visual, self.fold_dtype
-        # readout weight per pooled token: pooling weight / sigma (and later / ||out||)
-        r = x[:, sl].mean(1, keepdim=True) if v.final_ln_after_pool else x[:, sl]
-        r = r.to(fd)
-        sigma = torch.sqrt(r.var(-1, unbiased=False) + self.eps)   # [B, 1] or [B, n]
+    def readout_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, n_pooled]: the weight of each pooled token's residual in the readout, pooling weight / sigma (the
+        L2 normalisation, / ||out||, comes on top)."""
+        sl = self._pool_slice()
+        r = x[:, sl].mean(1, keepdim=True) if self.visual.final_ln_after_pool else x[:, sl]
+        sigma = torch.sqrt(r.to(self.fold_dtype).var(-1, unbiased=False) + self.eps)   # [B, 1] or [B, n]
         n_pool = x[:, sl].shape[1]
-        w = (1.0 / (n_pool * sigma)).expand(x.shape[0], n_pool)     # [B, n_pool]
+        return (1.0 / (n_pool * sigma)).expand(x.shape[0], n_pool)
+
+    def _readout(self, x, sl, terms, z_sel, maps_in, token_directions=None) -> Decomposition:
+        fd = self.fold_dtype
+        w = self.readout_weights(x)                                 # [B, n_pool]
         embed, *mlp = [torch.einsum("bt,btw->bw", w, t.to(fd)) @ self.P for t in terms]
         mlp = torch.stack(mlp, 1)                                   # [B, L, D]
         heads = torch.stack([torch.einsum("bhk,hkd->bhd", torch.einsum("bt,bhtk->bhk", w, z_sel[i].to(fd)), self.M[i])
