@@ -9,6 +9,10 @@
     run.property_neighbours(12345, "color")       # nearest by a property's heads
     run.segment(image, "a red circle")            # heatmap over the patch grid
     run.contrast(image, "a circle", "a square")   # where the image speaks for A rather than B
+    run.neurons(4)                                # MLP neurons of layer 4 by second-order effect, with texts
+    run.neuron(4, 333)                            # one neuron: its texts, top images, main head
+    run.search_neurons("water")                   # neurons whose effect direction is closest to a text
+    run.neuron_map(image, 4, 333)                 # where in the image the neuron's effect comes from
     api.decompose("shapes", [img_a, img_b])       # the Decomposition of a list of images
     api.load("shapes")                            # the model, its preprocessing and tokenizer
 
@@ -98,6 +102,15 @@ def open_run(path: str | Path) -> "Run":
 
 
 @dataclass
+class NeuronView:
+    """One MLP neuron: its summary row (Store.NEURON_COLUMNS) and the images where its effect is largest."""
+    layer: int
+    neuron: int
+    info: dict
+    top: "pd.DataFrame"         # image_id, path, label, score (the effect norm), file
+
+
+@dataclass
 class HeadView:
     """One head: its label, its TextSpan texts, and the stored images furthest along its first direction."""
     layer: int
@@ -118,6 +131,7 @@ class Run:
         self.manifest: dict = info.manifest or {}
         self._model: LoadedModel | None = None
         self._loader = model_loader or load
+        self._second_order: dict = {}
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -217,6 +231,84 @@ class Run:
         maps = token_maps(self.model, self._pil(image), self._map_layers(heads))
         t = self.model.encode_texts([clean_text(text_a), clean_text(text_b)])
         return contrastive(maps, t[0], t[1], heads)[0]
+
+    # ---- neurons (`clip-atlas neurons`)
+    def neurons(self, layer: int | None = None, order: str = "mean_norm", limit: int = 50) -> "pd.DataFrame":
+        """The neurons of one MLP layer (the first with a table when None), sorted by `order`: mean_norm,
+        max_norm, direction_share, text_share or neuron."""
+        import pandas as pd
+        layer = self._neuron_layer(layer)
+        return pd.DataFrame(self.store.neurons(self.info, layer, order, limit), columns=list(self.store.NEURON_COLUMNS))
+
+    def neuron(self, layer: int, neuron: int) -> NeuronView:
+        rows = self.store.neurons(self.info, self._neuron_layer(layer), ids=[int(neuron)], limit=1)
+        if not rows:
+            raise AtlasError(f"no neuron {neuron} in layer {layer} of {self.info.name}")
+        return NeuronView(layer, int(neuron), rows[0], self._hits(self.store.neuron_top_images(self.info, layer, neuron)))
+
+    def search_neurons(self, text: str, k: int = 10, layer: int | None = None) -> "pd.DataFrame":
+        """Neurons whose principal effect direction is closest (cosine) to the text's embedding, centred by the
+        run's description pool mean when the run has one (every CLIP text shares that component)."""
+        import pandas as pd
+        t = self.model.encode_texts([clean_text(text)])[0].float().cpu().numpy()
+        pool = self.store.text_pool(self.info)
+        if pool is not None:
+            t = t - pool.mean(0)
+        t = t / max(float(np.linalg.norm(t)), 1e-12)
+        layers = [self._neuron_layer(layer)] if layer is not None else self.store.neuron_layers(self.info)
+        if not layers:
+            self._neuron_layer(None)
+        hits = []
+        for l in layers:
+            ids, dirs = self.store.neuron_directions(self.info, l)
+            scores = dirs @ t
+            for j in np.argsort(-scores)[:k]:
+                hits.append((l, int(ids[j]), float(scores[j])))
+        hits = sorted(hits, key=lambda x: -x[2])[:k]
+        info = {}
+        for l in {l for l, _, _ in hits}:
+            for r in self.store.neurons(self.info, l, ids=[n for ll, n, _ in hits if ll == l], limit=k):
+                info[(l, r["neuron"])] = r
+        return pd.DataFrame([{**info[(l, n)], "score": s} for l, n, s in hits],
+                            columns=list(self.store.NEURON_COLUMNS) + ["score"])
+
+    def neurons_through_head(self, layer: int, head: int, k: int = 10) -> "pd.DataFrame":
+        """Neurons of earlier layers whose second-order effect flows mainly through head (layer, head)."""
+        import pandas as pd
+        return pd.DataFrame(self.store.neurons_through_head(self.info, layer, head, k),
+                            columns=list(self.store.NEURON_COLUMNS))
+
+    def neuron_map(self, image: ImageLike, layer: int, neuron: int, text: str | None = None) -> np.ndarray:
+        """[grid_h, grid_w]: per patch, the neuron's second-order effect (through every later head) projected on
+        its principal direction, or on a text's embedding when `text` is given. Computed live."""
+        from .maths.neurons import SecondOrder
+        layer = self._neuron_layer(layer)
+        if text is None:
+            ids, dirs = self.store.neuron_directions(self.info, layer)
+            where = np.flatnonzero(ids == int(neuron))
+            if not len(where):
+                raise AtlasError(f"no neuron {neuron} in layer {layer} of {self.info.name}")
+            direction = torch.from_numpy(np.array(dirs[where[0]]))
+        else:
+            direction = self.model.encode_texts([clean_text(text)])[0].float().cpu()
+        key = (layer, int(neuron))
+        so = self._second_order.get(key)
+        if so is None:
+            so = SecondOrder(self.model.model, layer, slice(int(neuron), int(neuron) + 1), self.model.decomposer())
+            self._second_order = {**dict(list(self._second_order.items())[-7:]), key: so}
+        pixels = self.model.preprocess(self._pil(image))[None].to(self.model.device)
+        scores = so.token_map(pixels, direction.to(self.model.device))[0, 1:]
+        return scores.reshape(tuple(self.manifest["patch_grid"])).float().cpu().numpy()
+
+    def _neuron_layer(self, layer: int | None) -> int:
+        have = self.store.neuron_layers(self.info)
+        if not have:
+            raise AtlasError(f"{self.info.name} has no neuron tables; `clip-atlas neurons RUN` writes them")
+        if layer is None:
+            return have[0]
+        if int(layer) not in have:
+            raise AtlasError(f"no neuron table for layer {layer} in {self.info.name} (have: {', '.join(map(str, have))})")
+        return int(layer)
 
     # ---- helpers
     def _check_head(self, layer: int, head: int) -> None:

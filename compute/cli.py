@@ -116,6 +116,15 @@ def _index(a: argparse.Namespace) -> None:
     print(f"index: {r['built']} of {r['heads']} heads built ({r['heads'] - r['built']} were current) -> {r['path']}")
 
 
+def _neurons(a: argparse.Namespace) -> None:
+    from .jobs.neurons import run_neurons
+    m = run_neurons(a.run, layers=a.layers, images=a.images, texts=a.texts, top_k=a.top_k,
+                    batch_size=a.batch_size, device=a.device)
+    n = m["neurons"]
+    print(f"neurons: layers {', '.join(map(str, n['layers']))} over {n['settings']['images']} images "
+          f"-> {Path(a.run) / 'neurons'}")
+
+
 def _label(a: argparse.Namespace) -> None:
     from .properties import run_label
     labels = run_label(a.run, a.method, a.reference)
@@ -209,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("run")
     ix.add_argument("--layers", default=None, help="only these stored layers (default: all stored)")
     ix.set_defaults(func=_index)
+
+    nr = sub.add_parser("neurons", help="second-order effects of MLP neurons, with text descriptions")
+    nr.add_argument("run")
+    nr.add_argument("--layers", default=None,
+                    help="MLP layers (default: from 2/3 of the depth to the second-to-last, as the paper studies)")
+    nr.add_argument("--images", type=int, default=None, help="use the first N of the run's images (default: all)")
+    nr.add_argument("--texts", type=int, default=5, help="texts in each neuron's sparse description")
+    nr.add_argument("--top-k", type=int, default=8, help="top images kept per neuron")
+    nr.add_argument("--batch-size", type=int, default=32)
+    nr.add_argument("--device", default="auto")
+    nr.set_defaults(func=_neurons)
 
     mt = sub.add_parser("metrics", help="interpretability metrics of a run")
     mt.add_argument("run")

@@ -26,6 +26,7 @@ def build_shapes_store(data: Path, run: Path, n: int, seed: int, metrics: bool =
     from .properties import run_label
     from .shapes.dataset import generate
     from .shapes.groundtruth import evaluate_run
+    from .jobs.neurons import run_neurons
     from .jobs.textspan import run_textspan
     from .vindex import build_index
     if not (data / "scenes.parquet").is_file():
@@ -37,6 +38,8 @@ def build_shapes_store(data: Path, run: Path, n: int, seed: int, metrics: bool =
         run_textspan(str(run), progress=progress)
     if not rs.table_path("properties").is_file():
         run_label(str(run))
+    if not any((run / "neurons").glob("layer=*.parquet")):
+        run_neurons(str(run), progress=progress)
     if not rs.table_path("shapes_heads").is_file():
         evaluate_run(str(run), progress=progress)
     if metrics and not rs.table_path("metrics").is_file():

@@ -23,6 +23,7 @@ MATRIX_CACHE_BYTES = 1 << 30
 _VECTOR_QUERIES = {
     "contribution": "SELECT image_id, contribution AS v FROM read_parquet(?)",
     "vector": "SELECT image_id, vector AS v FROM read_parquet(?)",
+    "direction": "SELECT neuron AS image_id, direction AS v FROM read_parquet(?)",
 }
 
 
@@ -244,6 +245,70 @@ class Store:
             return []
         return self.sql("SELECT layer, head, attribute, lift, specialised FROM read_parquet(?) ORDER BY layer, head, attribute",
                         [self._glob(run, "shapes_heads.parquet")])
+
+    # ---- neurons (`clip-atlas neurons`)
+    NEURON_COLUMNS = ("layer", "neuron", "mean_norm", "max_norm", "direct_mean_norm", "direction_share", "texts",
+                      "text_weights", "text_share", "main_head_layer", "main_head", "main_head_share", "images")
+    NEURON_ORDER = {"mean_norm": "mean_norm DESC", "max_norm": "max_norm DESC",
+                    "direction_share": "direction_share DESC", "text_share": "text_share DESC", "neuron": "neuron"}
+
+    def neuron_layers(self, run: RunInfo) -> list[int]:
+        folder = run.path / "neurons"
+        return sorted(int(p.stem.split("=", 1)[1]) for p in folder.glob("layer=*.parquet")) if folder.is_dir() else []
+
+    def _neuron_file(self, run: RunInfo, layer: int) -> str:
+        if layer not in self.neuron_layers(run):
+            have = ", ".join(map(str, self.neuron_layers(run))) or "none"
+            raise AtlasError(f"no neuron table for layer {layer} in {run.name} (have: {have}; "
+                             f"`clip-atlas neurons RUN --layers {layer}` writes it)")
+        return str(RunStore(run.path).neuron_path(layer))
+
+    def neurons(self, run: RunInfo, layer: int, order: str = "mean_norm", limit: int = 50, offset: int = 0,
+                ids: list[int] | None = None) -> list[dict]:
+        """One dict per neuron of `layer` (NEURON_COLUMNS), sorted by `order` (a key of NEURON_ORDER)."""
+        if order not in self.NEURON_ORDER:
+            raise AtlasError(f"unknown neuron order {order!r} (use {', '.join(self.NEURON_ORDER)})")
+        rows = self._cur().execute(f"""
+            SELECT {', '.join(self.NEURON_COLUMNS)} FROM read_parquet(?)
+            WHERE ? IS NULL OR list_contains(?, neuron)
+            ORDER BY {self.NEURON_ORDER[order]}, neuron LIMIT ? OFFSET ?""",
+            [self._neuron_file(run, layer), ids, ids, limit, offset])
+        names = [d[0] for d in rows.description]
+        return [dict(zip(names, r)) for r in rows.fetchall()]
+
+    def neuron_top_images(self, run: RunInfo, layer: int, neuron: int) -> list[tuple[int, float]]:
+        rows = self.sql("SELECT top_image_ids, top_norms FROM read_parquet(?) WHERE neuron = ?",
+                        [self._neuron_file(run, layer), neuron])
+        if not rows:
+            raise AtlasError(f"no neuron {neuron} in layer {layer} of {run.name}")
+        return list(zip(rows[0][0], rows[0][1]))
+
+    def neuron_directions(self, run: RunInfo, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(neuron ids, unit directions [n, D]) of one layer, cached like the head matrices."""
+        pattern = self._neuron_file(run, layer)
+        return self._matrix(pattern, "direction")
+
+    def neurons_through_head(self, run: RunInfo, layer: int, head: int, limit: int = 10) -> list[dict]:
+        """Neurons of every stored layer whose second-order effect flows mainly through head (layer, head)."""
+        out: list[dict] = []
+        for nl in self.neuron_layers(run):
+            if nl >= layer:
+                continue
+            rows = self._cur().execute(f"""
+                SELECT {', '.join(self.NEURON_COLUMNS)} FROM read_parquet(?)
+                WHERE main_head_layer = ? AND main_head = ? ORDER BY mean_norm * main_head_share DESC LIMIT ?""",
+                [self._neuron_file(run, nl), layer, head, limit])
+            names = [d[0] for d in rows.description]
+            out += [dict(zip(names, r)) for r in rows.fetchall()]
+        return sorted(out, key=lambda r: -r["mean_norm"] * r["main_head_share"])[:limit]
+
+    def text_pool(self, run: RunInfo) -> np.ndarray | None:
+        """The run's description-pool embeddings [T, D] (texts.parquet), or None."""
+        if not run.has("texts"):
+            return None
+        table = self._cur().sql("SELECT embedding FROM read_parquet(?)", params=[self._glob(run, "texts.parquet")]).to_arrow_table()
+        from .heads import vector_column
+        return vector_column(table, "embedding")
 
 
 def manifest_summary(run: RunInfo) -> dict:

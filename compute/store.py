@@ -5,6 +5,7 @@
     RUN/components/part-KEY.parquet                    image_id, kind, layer, contribution
     RUN/heads/layer=L/head=H/part-KEY.parquet          image_id, contribution  (layer, head from the path)
     RUN/_chunks/KEY.json                               commit marker of one chunk
+    RUN/neurons/layer=L.parquet                        one row per MLP neuron of layer L (second-order effects)
 
 A chunk's part files are written first and its marker last (atomic rename), so
 a chunk without a marker is an interrupted one: resume deletes its parts and
@@ -32,7 +33,8 @@ LEGACY_FIELDS = {"store_dtype": "float32"}
 MANIFEST = "manifest.json"
 CHUNKS = "_chunks"
 # tables written by later steps (TextSpan, labels, metrics, ground truth): RUN/<name>.parquet
-DERIVED = ("texts", "textspan", "textspan_heads", "properties", "metrics", "shapes_heads", "shapes_models", "shapes_segmentation")
+DERIVED = ("texts", "textspan", "textspan_heads", "properties", "metrics", "shapes_heads", "shapes_models", "shapes_segmentation",
+           "shapes_neurons")
 
 
 #: Element types a run may store its head and component contributions in (`compute --store-dtype`).
@@ -94,6 +96,10 @@ class RunStore:
 
     def head_dir(self, layer: int, head: int) -> Path:
         return self.root / "heads" / f"layer={layer}" / f"head={head}"
+
+    def neuron_path(self, layer: int) -> Path:
+        """RUN/neurons/layer=L.parquet: one row per neuron of MLP layer L (`clip-atlas neurons`)."""
+        return self.root / "neurons" / f"layer={layer}.parquet"
 
     def property_dir(self, prop: str) -> Path:
         safe = "".join(ch if ch.isalnum() or ch in " -_" else "_" for ch in prop)

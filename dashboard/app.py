@@ -17,6 +17,7 @@ pages = {
         st.Page("views/contrastive.py", title="Contrastive segmentation", icon=":material/compare:"),
         st.Page("views/image_neighbours.py", title="Image neighbours", icon=":material/image_search:"),
         st.Page("views/text_neighbours.py", title="Text neighbours", icon=":material/manage_search:"),
+        st.Page("views/neurons.py", title="Neurons", icon=":material/neurology:"),
     ],
 }
 st.navigation(pages).run()

@@ -66,3 +66,12 @@ def colour_bar(vmin: float, vmax: float, width: int = 256, height: int = 14) -> 
     """The heatmap legend: the same ramp as the overlay, low values left."""
     ramp = colormap(np.linspace(0, 1, width))[None].repeat(height, 0)
     return Image.fromarray((ramp * 255).round().astype(np.uint8))
+
+
+def weight_bars(texts: list[str], weights: list[float], title: str | None = None) -> alt.Chart:
+    """A sparse text description: each text's non-negative weight, in the order it was picked."""
+    df = pd.DataFrame({"text": texts, "weight": weights, "order": range(len(texts))})
+    return alt.Chart(df, title=title or "").mark_bar().encode(
+        x=alt.X("weight:Q", title="weight in the description"),
+        y=alt.Y("text:N", sort=alt.SortField("order"), title=None),
+        tooltip=["text", alt.Tooltip("weight:Q", format=".3f")])

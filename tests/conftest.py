@@ -56,10 +56,12 @@ def shapes_run(shapes_dir, tmp_path_factory):
 
     from compute.job import ComputeConfig, run_compute
     from compute.properties import run_label
+    from compute.jobs.neurons import run_neurons
     from compute.jobs.textspan import run_textspan
     run = tmp_path_factory.mktemp("store") / "shapes-random"
     run_compute(ComputeConfig("clip-atlas-shapes:random", str(shapes_dir), str(run), layers="last2", batch_size=24),
                 progress=False)
     run_textspan(str(run), progress=False)
     run_label(str(run))
+    run_neurons(str(run), progress=False)
     return run, json.loads((run / "manifest.json").read_text())

@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 PAGES = ["views/leaderboard.py", "views/atlas.py", "views/property_search.py", "views/topic_segmentation.py",
-         "views/contrastive.py", "views/image_neighbours.py", "views/text_neighbours.py"]
+         "views/contrastive.py", "views/image_neighbours.py", "views/text_neighbours.py", "views/neurons.py"]
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +158,33 @@ def test_sessions_keep_their_own_state(store):
     assert (a.selectbox(key="layer").value, a.selectbox(key="head").value) == (4, 6)
     assert (b.selectbox(key="layer").value, b.selectbox(key="head").value) == (5, 7)
     assert a.query_params["head"] == "6" and b.query_params["head"] == "7"
+
+
+def test_neurons_page_table_detail_and_map(store):
+    at = app(store, "views/neurons.py", neuron=7)
+    assert not at.exception
+    assert at.selectbox(key="nlayer").value == 4
+    table = at.dataframe[0].value
+    assert len(table) == 200 and table["mean_norm"].is_monotonic_decreasing
+    assert any("Neuron 7 of MLP layer 4" in h.value for h in at.subheader)
+    assert at.metric[0].value != "" and "L5.H" in at.metric[3].value
+    assert len(at.get("image")) >= 3 + 8     # 8 top images, the picked image, its overlay, the colour bar
+    at.text_input(key="nquery").set_value("water").run()
+    assert not at.exception and "score" in at.dataframe[0].value.columns
+    assert at.query_params["q"] == "water"
+
+
+def test_neurons_page_without_tables_explains(store, tmp_path):
+    import shutil
+    root = tmp_path / "s"
+    src = next(p for p in store.iterdir() if p.name.startswith("shapes"))
+    shutil.copytree(src, root / src.name)
+    shutil.rmtree(root / src.name / "neurons")
+    at = app(root, "views/neurons.py")
+    assert not at.exception and any("clip-atlas neurons" in i.value for i in at.info)
+
+
+def test_atlas_links_neurons_of_a_head(store):
+    at = app(store, "views/atlas.py", layer=5, head=0)
+    assert not at.exception
+    assert any("flows mainly through this head" in h.value for h in at.subheader)

@@ -69,11 +69,13 @@ class NeuronBatch:
 class SecondOrder:
     """Second-order effects of the neurons `neurons` (all by default) of MLP layer `layer`."""
 
-    def __init__(self, model: torch.nn.Module, layer: int, neurons: slice | None = None):
+    def __init__(self, model: torch.nn.Module, layer: int, neurons: slice | None = None,
+                 decomposer: Decomposer | None = None):
+        """`decomposer`: a Decomposer of the same model to reuse (its fold matrices), e.g. a cached one."""
         reason = neuron_unsupported_reason(model)
         if reason:
             raise AtlasError(f"cannot compute neuron effects: {reason}")
-        self.dec = Decomposer(model)
+        self.dec = decomposer or Decomposer(model)
         n_layers = self.dec.n_layers
         if not 0 <= layer < n_layers - 1:
             raise AtlasError(f"MLP layer {layer} has no later attention layer (the model has {n_layers} layers: "
@@ -82,6 +84,9 @@ class SecondOrder:
         self.later = list(range(layer + 1, n_layers))
         self.n_total = self.dec.blocks[layer].mlp.c_proj.weight.shape[1]
         self.neurons = neurons or slice(0, self.n_total)
+        if not 0 <= self.neurons.start < self.neurons.stop <= self.n_total:
+            raise AtlasError(f"neurons {self.neurons.start}-{self.neurons.stop - 1} are outside layer {layer}'s "
+                             f"{self.n_total} neurons")
         self.heads = [(l, h) for l in self.later for h in range(self.dec.n_heads)]
         self.G = self._fold()                                       # [K, n, D]
 
@@ -156,6 +161,13 @@ class SecondOrder:
             G = G @ directions.to(G)
         coef = batch.token_weights * batch.act[:, None, :, neuron]  # [B, K, N]
         return torch.einsum("bki,kd->bid", coef, G)
+
+    @torch.no_grad()
+    def token_map(self, images: torch.Tensor, direction: torch.Tensor, neuron: int = 0) -> torch.Tensor:
+        """[B, N]: each token's share of the neuron's effect, projected on a unit `direction` [D] (the neuron's
+        principal direction or a text embedding); token 0 is the class token."""
+        batch = self(images)
+        return self.token_effects(batch, neuron, direction.reshape(-1, 1))[..., 0]
 
     def grams(self) -> torch.Tensor:
         """[n, K, K]: G_n G_n^T per neuron, so ||effect_n|| = sqrt(s^T Gram_n s)."""

@@ -180,6 +180,11 @@ def evaluate_run(run: str, progress: bool = True) -> dict:
     summary["segmentation_miou_shuffled"] = float(np.mean(seg.column("iou_shuffled").to_numpy())) if seg.num_rows else float("nan")
     if store.table_path("properties").is_file():
         summary.update(label_agreement(rows, store))
+    if any((store.root / "neurons").glob("layer=*.parquet")):
+        from .neurons import evaluate_neurons
+        table, neurons = evaluate_neurons(run)
+        store.write_derived("shapes_neurons", table)
+        summary.update({f"neuron_{k}": v for k, v in neurons.items() if not isinstance(v, list)})
     store.write_derived("shapes_models", pa.table({"metric": list(summary), "value": [float(v) for v in summary.values()]}))
     store.update_manifest(shapes_eval=summary)
     return summary

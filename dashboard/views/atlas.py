@@ -28,3 +28,13 @@ with show_errors():
         image_grid(s, run, s.head_top_k(run, layer, head, direction, k=8))
     else:
         st.info("This head has no TextSpan texts yet.")
+    if s.neuron_layers(run):
+        feeding = s.neurons_through_head(run, layer, head, limit=6)
+        st.subheader("Neurons whose second-order effect flows mainly through this head")
+        if not feeding:
+            st.caption("None of the analysed MLP neurons sends most of its effect through this head.")
+        for r in feeding:
+            st.page_link("views/neurons.py", icon=":material/neurology:",
+                         label=f"L{r['layer']} neuron {r['neuron']} · {r['main_head_share']:.0%} via this head · "
+                               + " · ".join(r["texts"][:3]),
+                         query_params={"run": run.name, "nlayer": r["layer"], "neuron": r["neuron"]})

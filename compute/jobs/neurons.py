@@ -1,0 +1,241 @@
+"""`clip-atlas neurons RUN`: second-order effects of MLP neurons over a run's images -> RUN/neurons/layer=L.parquet.
+
+Per neuron, streamed over the images with memory independent of their number (maths/neurons.py):
+the mean and max second-order effect norm, the mean direct (first-order) norm for comparison, the top
+principal direction of its effects and the share of their energy it carries, the images where the
+effect is largest (a running top-k), the later head most of the effect flows through, and a sparse
+text description of the direction: non-negative OMP over the run's description pool, centred (the
+pool mean, which every CLIP text shares, is subtracted so that picks say what is specific) and
+L2-normalised again.
+
+The folded readout G of a layer is [later heads, neurons, D]; layers (or neuron slices of a large
+layer) are grouped into passes over the images so that the G's held at once stay under G_BUDGET.
+A layer's table is written when it is complete, so an interrupted job resumes at the next layer.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from ..errors import AtlasError
+from ..store import RunStore, vectors, write_table_atomic
+
+G_BUDGET = 768 * 2**20      # bytes of folded readout held at once
+TOP_K = 8                   # top images kept per neuron
+DEFAULT_TEXTS = 5           # texts in a neuron's description
+
+
+@dataclass
+class _Slice:
+    """Running statistics of one slice of a layer's neurons."""
+    layer: int
+    neurons: slice
+    so: object = None
+    count: int = 0
+    sum_norm: torch.Tensor | None = None
+    max_norm: torch.Tensor | None = None
+    sum_direct: torch.Tensor | None = None
+    moments: torch.Tensor | None = None        # [n, K, K]
+    sums: torch.Tensor | None = None           # [n, K]
+    top_vals: torch.Tensor | None = None       # [n, k]
+    top_ids: torch.Tensor | None = None
+    grams: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def start(self, model, k: int) -> None:
+        from ..maths.neurons import SecondOrder
+        self.so = SecondOrder(model, self.layer, self.neurons)
+        K, n = self.so.G.shape[:2]
+        fd = self.so.G.dtype
+        dev = self.so.G.device
+        self.sum_norm = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.max_norm = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.sum_direct = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.moments = torch.zeros(n, K, K, dtype=torch.float64, device=dev)
+        self.sums = torch.zeros(n, K, dtype=torch.float64, device=dev)
+        self.top_vals = torch.full((n, k), -1.0, dtype=fd, device=dev)
+        self.top_ids = torch.full((n, k), -1, dtype=torch.long, device=dev)
+        self.grams = self.so.grams()
+
+    def add(self, pixels: torch.Tensor, ids: torch.Tensor) -> None:
+        from ..maths.neurons import effect_norms
+        b = self.so(pixels)
+        norms = effect_norms(b.s, self.grams)                       # [B, n]
+        self.count += len(ids)
+        self.sum_norm += norms.sum(0).double()
+        self.max_norm = torch.maximum(self.max_norm, norms.max(0).values.double())
+        self.sum_direct += b.direct.sum(0).double()
+        s = b.s.double()
+        self.moments += torch.einsum("bkn,bjn->nkj", s, s)
+        self.sums += s.sum(0).T
+        vals = torch.cat([self.top_vals, norms.T.to(self.top_vals)], 1)
+        cand = torch.cat([self.top_ids, ids.to(self.top_ids.device).expand(norms.shape[1], -1)], 1)
+        self.top_vals, pos = vals.topk(self.top_vals.shape[1], dim=1)
+        self.top_ids = cand.gather(1, pos)
+
+    def finish(self, texts: np.ndarray, n_texts: int) -> dict:
+        from ..maths.neurons import principal_directions, sparse_texts
+        d = principal_directions(self.so.G.double(), self.moments, self.sums)
+        out = {"direction": d.direction.float().cpu().numpy(), "share": d.share.float().cpu().numpy(),
+               "mean": (self.sum_norm / max(self.count, 1)).float().cpu().numpy(),
+               "max": self.max_norm.float().cpu().numpy(),
+               "direct": (self.sum_direct / max(self.count, 1)).float().cpu().numpy(),
+               "top_ids": self.top_ids.cpu().numpy(), "top_vals": self.top_vals.float().cpu().numpy()}
+        main = d.head_share.argmax(-1)
+        out["main_head"] = [self.so.heads[int(j)] for j in main.tolist()]
+        out["main_share"] = d.head_share.gather(1, main[:, None])[:, 0].float().cpu().numpy()
+        idx, coef, explained = sparse_texts(d.direction.double().cpu(), torch.from_numpy(texts).double(), n_texts)
+        out.update(text_idx=idx.numpy(), text_coef=coef.float().numpy(), text_share=explained.float().numpy())
+        return out
+
+
+def centred_pool(T: np.ndarray) -> np.ndarray:
+    """Text embeddings minus the pool mean, L2-normalised again."""
+    C = T - T.mean(0, keepdims=True)
+    return C / np.maximum(np.linalg.norm(C, axis=1, keepdims=True), 1e-12)
+
+
+def plan_passes(slices: list[tuple[int, slice, int]], budget: int = G_BUDGET) -> list[list[tuple[int, slice]]]:
+    """Group (layer, neurons, bytes of G) into passes over the images whose G's fit the budget together."""
+    passes: list[list[tuple[int, slice]]] = []
+    used = budget + 1
+    for layer, sl, nbytes in slices:
+        if used + nbytes > budget:
+            passes.append([])
+            used = 0
+        passes[-1].append((layer, sl))
+        used += nbytes
+    return passes
+
+
+def layer_slices(n_neurons: int, K: int, D: int, budget: int = G_BUDGET) -> list[slice]:
+    """Neuron slices of one layer whose G ([K, n, D] float32) fits the budget."""
+    per = max(1, budget // (K * D * 4))
+    return [slice(i, min(i + per, n_neurons)) for i in range(0, n_neurons, per)]
+
+
+def run_neurons(run: str, layers: str | None = None, images: int | None = None, texts: int = DEFAULT_TEXTS,
+                top_k: int = TOP_K, batch_size: int = 32, device: str = "auto", workers: int | None = None,
+                progress: bool = True, loaded=None) -> dict:
+    """Writes RUN/neurons/layer=L.parquet for each chosen MLP layer; returns the updated manifest."""
+    from ..heads import read_images
+    from ..images import ImageRef
+    from ..job import decoded_batches, default_workers, drop_text_tower, pick_device
+    from ..maths.decompose import resolve_layers
+    from ..maths.neurons import default_neuron_layers, neuron_unsupported_reason
+    from ..models import load_model
+
+    store = RunStore(run)
+    man = store.manifest()
+    if man.get("status") != "complete":
+        raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
+    for name, value in (("images", images), ("texts", texts), ("top-k", top_k), ("batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise AtlasError(f"--{name} must be at least 1")
+    n_layers = man["layers"]
+    chosen = default_neuron_layers(n_layers) if layers is None else resolve_layers(layers, n_layers)
+    if not chosen:
+        raise AtlasError("no MLP layers chosen")
+    if n_layers - 1 in chosen:
+        raise AtlasError(f"layer {n_layers - 1} is the last: its neurons have no later attention, so no second-order "
+                         f"effect (use 0-{n_layers - 2})")
+    dev = pick_device(device)
+    loaded = loaded or load_model(man["model"], dev)
+    reason = neuron_unsupported_reason(loaded.model)
+    if reason:
+        raise AtlasError(f"cannot compute neuron effects for {man['model']}: {reason}")
+    pool_texts, pool, pool_name = _pool(store, man, loaded, progress)
+    drop_text_tower(loaded.model)
+
+    table = read_images(store, columns=["image_id", "path"])
+    ids_all, paths = table.column("image_id").to_numpy(), table.column("path").to_pylist()
+    if images is not None:
+        ids_all, paths = ids_all[:images], paths[:images]      # image_ids are hashes: the first N are a fair sample
+    refs = [ImageRef(int(i), p, None) for i, p in zip(ids_all, paths)]
+    settings = {"images": len(refs), "texts": texts, "top_k": top_k, "pool": pool_name}
+    before = man.get("neurons") or {}
+    done = [l for l in before.get("layers", []) if before.get("settings") == settings and store.neuron_path(l).is_file()]
+    todo = [l for l in chosen if l not in done]
+    H, D = man["heads"], man["embed_dim"]
+    n_neurons = loaded.model.visual.transformer.resblocks[0].mlp.c_proj.weight.shape[1]
+    plan = plan_passes([(l, sl, (n_layers - 1 - l) * H * (sl.stop - sl.start) * D * 4) for l in todo
+                        for sl in layer_slices(n_neurons, (n_layers - 1 - l) * H, D)])
+    root = Path(man["images_root"])
+    workers = workers or default_workers()
+    draft = max(man["image_size"]) * 2
+    T = centred_pool(pool)
+    results: dict[int, list[dict]] = {}
+    started = time.time()
+    for p, group in enumerate(plan):
+        slices = [_Slice(l, sl) for l, sl in group]
+        for s in slices:
+            s.start(loaded.model, top_k)
+        desc = f"neurons L{','.join(str(l) for l in sorted({s.layer for s in slices}))}"
+        bar = tqdm(total=len(refs), desc=desc + (f" pass {p + 1}/{len(plan)}" if len(plan) > 1 else ""), unit="img",
+                   disable=not progress, dynamic_ncols=True)
+        skipped = 0
+        for batch, pixels, bad in decoded_batches(refs, root, loaded.preprocess, batch_size, workers, draft):
+            skipped += len(bad)
+            if pixels is not None:
+                ids = torch.tensor([r.image_id for r in batch])
+                for s in slices:
+                    s.add(pixels.to(dev), ids)
+            bar.update(len(batch) + len(bad))
+        bar.close()
+        if not slices[0].count:
+            raise AtlasError(f"none of the {len(refs)} images of {run} could be read from {root}")
+        for s in slices:
+            results.setdefault(s.layer, []).append(s.finish(T, texts))
+            s.so = s.grams = s.moments = None
+            if sum(r["mean"].shape[0] for r in results[s.layer]) == n_neurons:
+                _write_layer(store, s.layer, results.pop(s.layer), s.count, pool_texts, D)
+                done = sorted(set(done) | {s.layer})
+                store.update_manifest(neurons={"settings": settings, "layers": done, "skipped": skipped,
+                                               "seconds": round(time.time() - started, 1)})
+    return store.manifest()
+
+
+def _pool(store: RunStore, man: dict, loaded, progress: bool) -> tuple[list[str], np.ndarray, str]:
+    """(texts, embeddings, pool name): the run's description pool (texts.parquet, written by `clip-atlas textspan`),
+    else the default pool for the model, encoded now."""
+    path = store.table_path("texts")
+    if path.is_file():
+        from ..heads import vector_column
+        t = pq.read_table(path, columns=["text", "embedding"])
+        return t.column("text").to_pylist(), vector_column(t, "embedding"), man.get("textspan", {}).get("pool", "run")
+    from ..texts import load_pool
+    from .textspan import default_pool
+    name = default_pool(man.get("architecture", ""))
+    pool = load_pool(name)
+    return pool.texts, loaded.encode_texts(pool.texts, progress=progress).float().cpu().numpy(), name
+
+
+def _write_layer(store: RunStore, layer: int, parts: list[dict], count: int, texts: list[str], D: int) -> None:
+    cat = {k: (np.concatenate([p[k] for p in parts]) if k != "main_head" else sum((p[k] for p in parts), []))
+           for k in parts[0]}
+    n = len(cat["mean"])
+    top_ids = [[int(i) for i in row if i >= 0] for row in cat["top_ids"]]
+    top_vals = [[float(v) for v, i in zip(vr, ir) if i >= 0] for vr, ir in zip(cat["top_vals"], cat["top_ids"])]
+    tid = [[int(j) for j in row if j >= 0] for row in cat["text_idx"]]
+    tw = [[float(w) for w, j in zip(wr, jr) if j >= 0] for wr, jr in zip(cat["text_coef"], cat["text_idx"])]
+    ttext = [[texts[j] for j in row] for row in tid]
+    tshare = cat["text_share"]
+    write_table_atomic(pa.table({
+        "layer": pa.array([layer] * n, pa.int16()), "neuron": pa.array(range(n), pa.int32()),
+        "images": pa.array([count] * n, pa.int32()),
+        "mean_norm": pa.array(cat["mean"], pa.float32()), "max_norm": pa.array(cat["max"], pa.float32()),
+        "direct_mean_norm": pa.array(cat["direct"], pa.float32()),
+        "direction": vectors(cat["direction"].reshape(n, D)), "direction_share": pa.array(cat["share"], pa.float32()),
+        "text_ids": pa.array(tid, pa.list_(pa.int32())), "texts": pa.array(ttext, pa.list_(pa.string())),
+        "text_weights": pa.array(tw, pa.list_(pa.float32())), "text_share": pa.array(tshare, pa.float32()),
+        "top_image_ids": pa.array(top_ids, pa.list_(pa.int64())), "top_norms": pa.array(top_vals, pa.list_(pa.float32())),
+        "main_head_layer": pa.array([l for l, _ in cat["main_head"]], pa.int16()),
+        "main_head": pa.array([h for _, h in cat["main_head"]], pa.int16()),
+        "main_head_share": pa.array(cat["main_share"], pa.float32())}), store.neuron_path(layer))

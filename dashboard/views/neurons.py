@@ -1,0 +1,82 @@
+"""MLP neurons by their second-order effects: texts, top images, where in an image the effect comes from."""
+import streamlit as st
+
+from compute.maths.segment import symmetric_range
+
+from dashboard import charts
+from dashboard.common import (api_run, param, pick_image, set_params, show_errors, show_heatmap, show_hits, show_image,
+                              start_page)
+
+ORDERS = {"mean_norm": "mean effect", "max_norm": "largest effect", "direction_share": "one-direction share",
+          "text_share": "described by its texts", "neuron": "neuron index"}
+
+s, run = start_page("Neurons")
+api = api_run(s, run)
+layers = s.neuron_layers(run)
+if not layers:
+    st.info(f"**{run.name}** has no neuron tables yet: run `clip-atlas neurons {run.path}` (about a forward pass "
+            "over the run's images).")
+    st.stop()
+with show_errors():
+    c1, c2, c3 = st.columns([1, 2, 3])
+    layer = param("nlayer", layers[0], int)
+    layer = c1.selectbox("MLP layer", layers, index=layers.index(layer) if layer in layers else 0, key="nlayer")
+    order = param("order", "mean_norm")
+    order = c2.selectbox("Sort by", list(ORDERS), format_func=ORDERS.get,
+                         index=list(ORDERS).index(order) if order in ORDERS else 0, key="norder")
+    query = c3.text_input("Which neurons write …", value=param("q", ""), placeholder="e.g. water", key="nquery")
+    set_params(nlayer=layer, order=order, q=query or None)
+    if query.strip():
+        table = api.search_neurons(query, k=20, layer=layer)
+        st.caption(f"Neurons of layer {layer} whose effect direction is closest to “{query.strip()}” (cosine).")
+    else:
+        table = api.neurons(layer, order=order, limit=200)
+    table = table.assign(texts=table["texts"].map(" · ".join),
+                         head=[f"L{l}.H{h}" for l, h in zip(table["main_head_layer"], table["main_head"])])
+    cols = ["neuron"] + (["score"] if "score" in table else []) + ["mean_norm", "max_norm", "direction_share",
+                                                                   "texts", "head", "main_head_share"]
+    picked = st.dataframe(table[cols], hide_index=True, on_select="rerun", selection_mode="single-row", key="ntable",
+                          column_config={
+                              "mean_norm": st.column_config.NumberColumn("mean effect", format="%.2e",
+                                                                         help="mean norm of the second-order effect"),
+                              "max_norm": st.column_config.NumberColumn("max effect", format="%.2e"),
+                              "direction_share": st.column_config.ProgressColumn(
+                                  "one direction", help="share of the effects' energy along the principal direction",
+                                  min_value=0.0, max_value=1.0, format="%.2f"),
+                              "main_head_share": st.column_config.NumberColumn("via head", format="%.2f",
+                                                                               help="share through the main head"),
+                              "score": st.column_config.NumberColumn("cosine", format="%.3f")})
+    rows = picked.selection.rows if picked is not None else []
+    ids = table["neuron"].tolist()
+    neuron = ids[rows[0]] if rows else param("neuron", ids[0] if ids else 0, int)
+    set_params(neuron=neuron)
+
+    view = api.neuron(layer, neuron)
+    info = view.info
+    st.subheader(f"Neuron {neuron} of MLP layer {layer}")
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("mean second-order effect", f"{info['mean_norm']:.2e}",
+              help=f"direct (first-order) effect: {info['direct_mean_norm']:.2e}")
+    m2.metric("along one direction", f"{info['direction_share']:.0%}")
+    m3.metric("explained by its texts", f"{info['text_share']:.0%}")
+    m4.metric("main head", f"L{info['main_head_layer']}.H{info['main_head']}", f"{info['main_head_share']:.0%} of it",
+              delta_color="off")
+    st.page_link("views/atlas.py", label=f"Open head L{info['main_head_layer']}.H{info['main_head']} in the atlas",
+                 icon=":material/grid_view:",
+                 query_params={"run": run.name, "layer": info["main_head_layer"], "head": info["main_head"]})
+    left, right = st.columns(2)
+    with left:
+        st.altair_chart(charts.weight_bars(info["texts"], info["text_weights"], "Its description"), width="stretch")
+        st.markdown("**Images where its effect is largest** (score: effect norm)")
+        show_hits(s, run, view.top)
+    with right:
+        st.markdown("**Where in an image its effect comes from**")
+        text = st.text_input("Project on a text instead of the neuron's direction", value=param("ntext", ""),
+                             key="ntext")
+        set_params(ntext=text or None)
+        img = pick_image(s, run, key="nimg")
+        if img is not None:
+            heat = api.neuron_map(img.image, layer, neuron, text=text or None)
+            show_image(img.image, img.caption)
+            what = f"“{text.strip()}”" if text.strip() else "its principal direction"
+            show_heatmap(img.image, heat, *symmetric_range(heat), f"neuron {neuron}, projected on {what}")
