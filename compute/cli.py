@@ -168,6 +168,12 @@ def _shapes_card(a: argparse.Namespace) -> None:
             rec["validation"] = {"seeds": report["seeds"], "n": report["n"], "summary": report["summary"]}
         except (OSError, ValueError, KeyError):
             raise AtlasError(f"{a.validation} is not a report written by `clip-atlas shapes validate`") from None
+    if a.neurons:
+        from .shapes.neurons import evaluate_neurons
+        rec["neurons"] = []
+        for run in a.neurons:
+            _, summary = evaluate_neurons(run)
+            rec["neurons"].append({"run": Path(run).name, **{k: v for k, v in summary.items() if not isinstance(v, list)}})
     record.write_text(json.dumps(rec, indent=2))
     print(f"wrote {write_card(SHAPES_WEIGHTS)}")
 
@@ -316,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     cd = s.add_parser("card", help="rewrite the model card (optionally with a run's ground-truth figures)")
     cd.add_argument("--eval", default=None, help="a run evaluated by `shapes eval`")
     cd.add_argument("--validation", default=None, help="a report.json written by `shapes validate`")
+    cd.add_argument("--neurons", nargs="*", default=None, help="Shapes runs with neuron tables: their ground-truth figures")
     cd.set_defaults(func=_shapes_card)
     return p
 

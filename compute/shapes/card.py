@@ -82,6 +82,17 @@ def write_card(weights: Path) -> Path:
                   "| metric | mean | std | min |", "|---|---|---|---|"]
         lines += [f"| {k} | {x['mean']:.3f} | {x['std']:.3f} | {x['min']:.3f} |" for k, x in v["summary"].items()]
         lines += ["", "How the defaults were chosen (on other seeds) and what each figure means: docs/labels.md."]
+    if rec.get("neurons"):
+        lines += ["", "## MLP neurons against ground truth (`clip-atlas neurons`, then `clip-atlas shapes card --neurons RUN ...`)",
+                  "", "Precision@8 of each neuron's top images (largest second-order effect) for the attribute value its",
+                  "text description names, against chance. *Clear*: one value holds at least half the description's",
+                  "weight; *first text*: the value of the first text picked. Details: docs/neurons.md.", "",
+                  "| run | neurons | clear | p@8 | chance | first text | p@8 | chance | above chance |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rec["neurons"]:
+            lines.append(f"| {r['run']} | {r['neurons']} | {r['clear_neurons']} | {r['clear_precision_at_8']:.3f} | "
+                         f"{r['clear_chance']:.3f} | {r['first_text_neurons']} | {r['first_text_precision_at_8']:.3f} | "
+                         f"{r['first_text_chance']:.3f} | {r['first_text_above_chance_share']:.0%} |")
     lines += ["", RECIPE_NOTES]
     out = weights.parent / "MODEL_CARD.md"
     out.write_text("\n".join(lines))
