@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import csv
+import math
 import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import AtlasError
@@ -14,6 +16,8 @@ from .errors import AtlasError
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 #: Images with more pixels than this are refused before decoding (a 100 MP photo is fine).
 MAX_PIXELS = 120_000_000
+#: Longest side over shortest side beyond which an image is padded (`fit_aspect`).
+MAX_ASPECT = 8.0
 LABELS_FILE = "labels.csv"
 
 
@@ -88,10 +92,27 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, draft_size: int |
                 # decode JPEGs at reduced scale when they are far larger than the model needs
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
-            return img.convert("RGB")
+            return fit_aspect(img.convert("RGB"))
     except BadImage:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except UnidentifiedImageError:
+        raise BadImage("not an image file, or a format Pillow cannot read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(type(e).__name__ if not str(e) else str(e).splitlines()[0][:200]) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"unreadable: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+
+
+def fit_aspect(img: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """An image whose long side is at most `max_aspect` times its short side: more elongated ones (a 1 x 5000 strip)
+    are padded on the short side with their mean colour, centred. CLIP's preprocessing scales the short side to
+    the model's input size, which would make such a strip hundreds of thousands of pixels long."""
+    w, h = img.size
+    if max(w, h) <= max_aspect * min(w, h):
+        return img
+    short = math.ceil(max(w, h) / max_aspect)
+    size = (w, short) if w > h else (short, h)
+    mean = tuple(int(round(c)) for c in np.asarray(img, np.float32).reshape(-1, 3).mean(0))
+    canvas = Image.new("RGB", size, mean)
+    canvas.paste(img, ((size[0] - w) // 2, (size[1] - h) // 2))
+    return canvas

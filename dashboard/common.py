@@ -163,7 +163,7 @@ def show_image(image: Image.Image, caption: str | None = None, px: int = DISPLAY
     """Small images (the Shapes world is 64 px) are enlarged without blurring."""
     if max(image.size) < px:
         scale = px / max(image.size)
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST)
     st.image(image, caption=caption)
 
 

@@ -221,3 +221,15 @@ def test_float16_store_halves_disk_and_keeps_invariants_and_picks(tmp_path):
     # a run is resumed only with the dtype it was started with
     assert main(["compute", "--model", "shapes", "--images", str(data), "--out", str(tmp_path / "float16"),
                  "--store-dtype", "float32"]) == 2
+
+
+def test_fit_aspect_pads_extreme_images_only():
+    from PIL import Image
+
+    from compute.images import MAX_ASPECT, fit_aspect
+    same = Image.new("RGB", (80, 10), (10, 20, 30))
+    assert fit_aspect(same) is same
+    out = fit_aspect(Image.new("RGB", (1, 5000), (200, 30, 30)))
+    assert out.size == (625, 5000) and out.getpixel((312, 2500)) == (200, 30, 30)
+    assert out.getpixel((0, 0)) == (200, 30, 30)          # padded with the mean colour
+    assert max(fit_aspect(Image.new("RGB", (5000, 3))).size) / min(fit_aspect(Image.new("RGB", (5000, 3))).size) <= MAX_ASPECT

@@ -188,3 +188,18 @@ def test_atlas_links_neurons_of_a_head(store):
     at = app(store, "views/atlas.py", layer=5, head=0)
     assert not at.exception
     assert any("flows mainly through this head" in h.value for h in at.subheader)
+
+
+def test_non_image_message_is_plain(store):
+    at = app(store, "views/image_neighbours.py", src="upload")
+    at.file_uploader[0].set_value(("notes.txt", b"hello, not pixels", "text/plain")).run()
+    msg = " ".join(e.value for e in at.error)
+    assert "not an image file" in msg and "0x" not in msg and "<" not in msg
+
+
+@pytest.mark.parametrize("size", [(1, 5000), (5000, 1), (1, 1), (3, 900)])
+def test_extreme_images_work(store, size):
+    at = app(store, "views/topic_segmentation.py", src="upload")
+    at.file_uploader[0].set_value(("strip.png", png_bytes(size), "image/png")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(at.get("image")) >= 3
