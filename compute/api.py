@@ -357,10 +357,12 @@ class Run:
         """[len(layers), H, D] for one image (layers sorted)."""
         return decompose(self.model, [image], layers=list(layers)).heads[0].float().numpy()
 
-    def _hits(self, hits: list[tuple[int, float]]) -> "pd.DataFrame":
+    def _hits(self, hits: list[tuple]) -> "pd.DataFrame":
+        """(image_id, score[, cosine]) tuples -> image_id, path, label, score, cosine (NaN when not a similarity), file."""
         import pandas as pd
-        info = self.store.image_info(self.info, [i for i, _ in hits]) if hits else {}
-        rows = [(i, info.get(i, (None, None))[0], info.get(i, (None, None))[1], s) for i, s in hits]
-        df = pd.DataFrame(rows, columns=["image_id", "path", "label", "score"])
+        info = self.store.image_info(self.info, [h[0] for h in hits]) if hits else {}
+        rows = [(h[0], info.get(h[0], (None, None))[0], info.get(h[0], (None, None))[1], h[1],
+                 h[2] if len(h) > 2 else float("nan")) for h in hits]
+        df = pd.DataFrame(rows, columns=["image_id", "path", "label", "score", "cosine"])
         df["file"] = [str(full_path(self.info, p)) if p else None for p in df["path"]]
         return df

@@ -41,9 +41,17 @@ def api_run(s: Store, run: RunInfo) -> api.Run:
     return api.Run(s, run, model_loader=live.model)
 
 
-def show_hits(s: Store, run: RunInfo, hits) -> None:
-    """An API result table (image_id, score, ...) as an image grid."""
-    image_grid(s, run, list(zip(hits["image_id"].tolist(), hits["score"].tolist())))
+def show_hits(s: Store, run: RunInfo, hits, score_name: str = "dot product") -> None:
+    """An API result table (image_id, score, cosine, ...) as an image grid."""
+    image_grid(s, run, list(zip(hits["image_id"].tolist(), hits["score"].tolist(), hits["cosine"].tolist())),
+               score_name=score_name)
+
+
+def score_caption(score: float, cosine: float | None = None, score_name: str = "dot product") -> tuple[str, str]:
+    """(the caption shown, the hover text): the cosine when the score is a similarity, else the score itself."""
+    if cosine is not None and cosine == cosine:
+        return f"cos {cosine:.2f}", f"cosine {cosine:.4f} · {score_name} {score:.3e}"
+    return f"{score:.3g}", f"{score_name} {score:.4e}"
 
 
 def param(name: str, default=None, cast=str):
@@ -167,20 +175,23 @@ def show_image(image: Image.Image, caption: str | None = None, px: int = DISPLAY
     st.image(image, caption=caption)
 
 
-def image_grid(s: Store, run: RunInfo, hits: list[tuple[int, float]], cols: int = 4) -> None:
-    """Top-k results as a grid of images with their scores."""
+def image_grid(s: Store, run: RunInfo, hits: list[tuple], cols: int = 4, score_name: str = "dot product") -> None:
+    """Top-k results, (image_id, score[, cosine]), as a grid of images; the readable score under each, the raw
+    one on hover."""
     if not hits:
         st.info("No results.")
         return
-    info = s.image_info(run, [i for i, _ in hits])
+    info = s.image_info(run, [h[0] for h in hits])
     columns = st.columns(cols)
-    for n, (image_id, score) in enumerate(hits):
+    for n, hit in enumerate(hits):
         with columns[n % cols]:
-            path, label = info.get(image_id, ("?", None))
+            path, label = info.get(hit[0], ("?", None))
+            shown, hover = score_caption(hit[1], hit[2] if len(hit) > 2 else None, score_name)
             try:
-                show_image(Image.open(full_path(run, path)).convert("RGB"), f"{score:.3f}" + (f" · {label}" if label else ""), px=160)
+                show_image(Image.open(full_path(run, path)).convert("RGB"), px=160)
             except OSError:
                 st.warning(f"missing file {path}")
+            st.caption(shown + (f" · {label}" if label else ""), help=hover)
 
 
 def pick_map_heads(run: RunInfo) -> list[tuple[int, int]] | None:

@@ -203,3 +203,11 @@ def test_extreme_images_work(store, size):
     at.file_uploader[0].set_value(("strip.png", png_bytes(size), "image/png")).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert len(at.get("image")) >= 3
+
+
+def test_scores_are_readable_with_the_raw_value_on_hover(store):
+    at = app(store, "views/image_neighbours.py")
+    caps = [c for c in at.caption if c.value.startswith("cos ")]
+    assert len(caps) == 8
+    assert all(-1 <= float(c.value.split()[1]) <= 1 for c in caps)
+    assert all("dot product" in c.help for c in caps)

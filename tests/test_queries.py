@@ -20,10 +20,10 @@ def test_cached_top_k_equals_sql(store):
     q = np.random.default_rng(0).standard_normal(run.manifest["embed_dim"]).astype(np.float32)
     fast = s.head_top_k(run, 5, 2, q, k=6)
     slow = s.head_top_k_sql(run, 5, 2, q, k=6)
-    assert [i for i, _ in fast] == [i for i, _ in slow]
-    np.testing.assert_allclose([x for _, x in fast], [x for _, x in slow], rtol=1e-5)
+    assert [h[0] for h in fast] == [i for i, _ in slow]
+    np.testing.assert_allclose([h[1] for h in fast], [x for _, x in slow], rtol=1e-5)
     excluded = s.head_top_k(run, 5, 2, q, k=6, exclude=fast[0][0])
-    assert fast[0][0] not in [i for i, _ in excluded]
+    assert fast[0][0] not in [h[0] for h in excluded]
 
 
 def test_sandbox_refuses_files_outside_the_store(store, tmp_path):
@@ -81,8 +81,8 @@ def test_memory_mapped_index_gives_the_same_answers_and_is_dropped_when_stale(sh
     assert s.head_top_k(info, 5, 2, q, k=7) == before         # index path: the same exact answer
     # scoring in blocks of 5 rows changes nothing
     def same(hits):
-        assert [i for i, _ in hits] == [i for i, _ in before]
-        np.testing.assert_allclose([x for _, x in hits], [x for _, x in before], rtol=1e-5)
+        assert [h[0] for h in hits] == [h[0] for h in before]
+        np.testing.assert_allclose([h[1:] for h in hits], [h[1:] for h in before], rtol=1e-5)
     monkeypatch.setattr(vindex, "BLOCK_ROWS", 5)
     same(top_k(ids, M, q, 7))
     # a part file that changes makes the index stale: it is not used until rebuilt
@@ -90,3 +90,14 @@ def test_memory_mapped_index_gives_the_same_answers_and_is_dropped_when_stale(sh
     os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))
     assert open_head_index(RunStore(run), 5, 2) is None
     same(s.head_top_k(info, 5, 2, q, k=7))
+
+
+def test_hits_carry_the_cosine(store):
+    s, name = store
+    run = s.run(name)
+    q = np.random.default_rng(3).standard_normal(run.manifest["embed_dim"]).astype(np.float32)
+    ids, M = s._matrix(str(run.path / "heads" / "layer=5" / "head=2" / "*.parquet"), "contribution")
+    for image_id, dot, cos in s.head_top_k(run, 5, 2, q, k=5):
+        row = M[list(ids).index(image_id)]
+        assert abs(dot - float(row @ q)) < 1e-5 * max(1.0, abs(dot))
+        assert abs(cos - float(row @ q) / (np.linalg.norm(row) * np.linalg.norm(q))) < 1e-5

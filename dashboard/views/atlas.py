@@ -25,7 +25,7 @@ with show_errors():
         st.altair_chart(charts.text_bars(texts), width="stretch")
         direction = s.head_direction(run, layer, head)
         st.subheader(f"Images that score highest on “{texts[0][1]}”")
-        image_grid(s, run, s.head_top_k(run, layer, head, direction, k=8))
+        image_grid(s, run, s.head_top_k(run, layer, head, direction, k=8), score_name="projection on the direction")
     else:
         st.info("This head has no TextSpan texts yet.")
     if s.neuron_layers(run):

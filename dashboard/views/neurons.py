@@ -67,8 +67,8 @@ with show_errors():
     left, right = st.columns(2)
     with left:
         st.altair_chart(charts.weight_bars(info["texts"], info["text_weights"], "Its description"), width="stretch")
-        st.markdown("**Images where its effect is largest** (score: effect norm)")
-        show_hits(s, run, view.top)
+        st.markdown("**Images where its effect is largest** (under each: the effect's norm)")
+        show_hits(s, run, view.top, score_name="effect norm")
     with right:
         st.markdown("**Where in an image its effect comes from**")
         text = st.text_input("Project on a text instead of the neuron's direction", value=param("ntext", ""),
