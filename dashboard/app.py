@@ -10,6 +10,7 @@ pages = {
     "Overview": [
         st.Page("views/leaderboard.py", title="Leaderboard", icon=":material/leaderboard:", default=True),
         st.Page("views/atlas.py", title="Head atlas", icon=":material/grid_view:"),
+        st.Page("views/head.py", title="Head", icon=":material/center_focus_strong:"),
     ],
     "Analyses": [
         st.Page("views/property_search.py", title="Property search", icon=":material/category:"),

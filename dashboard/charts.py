@@ -9,9 +9,14 @@ from PIL import Image
 from compute.maths.segment import colormap
 
 
-def property_grid(rows: list[tuple[int, int, str, float]], title: str = "Head properties") -> alt.Chart:
+def property_grid(rows: list[tuple[int, int, str, float]], title: str = "Head properties",
+                  clickable: bool = False) -> alt.Chart:
+    """Layers x heads coloured by property; `clickable` adds a point selection named `cell` on (layer, head)."""
     df = pd.DataFrame(rows, columns=["layer", "head", "property", "confidence"])
-    return alt.Chart(df, title=title).mark_rect(stroke="white").encode(
+    chart = alt.Chart(df, title=title)
+    if clickable:
+        chart = chart.add_params(alt.selection_point(name="cell", fields=["layer", "head"], on="click"))
+    return chart.mark_rect(stroke="white", cursor="pointer" if clickable else "default").encode(
         x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"),
         color=alt.Color("property:N", scale=alt.Scale(scheme="tableau20")),
         opacity=alt.Opacity("confidence:Q", scale=alt.Scale(domain=[0, 1], range=[0.35, 1]), legend=None),
@@ -34,7 +39,7 @@ def text_bars(rows: list[tuple[int, str, float, float]]) -> alt.Chart:
     df = pd.DataFrame(rows, columns=["rank", "text", "variance", "cumulative"])
     return alt.Chart(df).mark_bar().encode(
         x=alt.X("variance:Q", title="share of the head's variance", axis=alt.Axis(format="%")),
-        y=alt.Y("text:N", sort=alt.SortField("rank"), title=None),
+        y=alt.Y("text:N", sort=alt.SortField("rank"), title=None, axis=alt.Axis(labelLimit=320)),
         tooltip=["rank", "text", alt.Tooltip("variance:Q", format=".1%"), alt.Tooltip("cumulative:Q", format=".1%")],
     )
 
@@ -73,5 +78,5 @@ def weight_bars(texts: list[str], weights: list[float], title: str | None = None
     df = pd.DataFrame({"text": texts, "weight": weights, "order": range(len(texts))})
     return alt.Chart(df, title=title or "").mark_bar().encode(
         x=alt.X("weight:Q", title="weight in the description"),
-        y=alt.Y("text:N", sort=alt.SortField("order"), title=None),
+        y=alt.Y("text:N", sort=alt.SortField("order"), title=None, axis=alt.Axis(labelLimit=320)),
         tooltip=["text", alt.Tooltip("weight:Q", format=".3f")])

@@ -1,6 +1,7 @@
 """End to end: a real `streamlit run dashboard/app.py` in headless Chromium; every page, no exception, screenshots."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -17,9 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "screenshots"
 # url path -> (title, images the page must show once its script has run)
 # the first visit goes to a page URL, not to "/": st.navigation must be in charge from the first request
-PAGES = {"atlas": ("Head atlas", 1), "": ("Leaderboard", 0), "property_search": ("Property search", 2),
+PAGES = {"atlas": ("Head atlas", 0), "": ("Leaderboard", 0), "property_search": ("Property search", 2),
          "topic_segmentation": ("Topic segmentation", 3), "contrastive": ("Contrastive segmentation", 5),
-         "image_neighbours": ("Image neighbours", 2), "text_neighbours": ("Text neighbours", 1)}
+         "image_neighbours": ("Image neighbours", 2), "text_neighbours": ("Text neighbours", 1),
+         "head?layer=5&head=1": ("Head", 26), "neurons": ("Neurons", 11)}
+#: a page's first drawn image or chart must come within this many seconds (p50 of 3 visits, model warm)
+FIRST_PAINT_LIMIT_S = 5.0
+TIMINGS = ROOT / "screenshots" / "timings.json"
 
 pytestmark = pytest.mark.slow
 
@@ -70,17 +75,49 @@ def test_every_page_in_chromium(server):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         for path, (title, images) in PAGES.items():
             page.goto(f"{server}/{path}", wait_until="domcontentloaded")
-            page.get_by_role("heading", name=title).first.wait_for(timeout=60_000)
+            page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=60_000)
             if images:  # live work (model load, token maps) finishes when the images are there
                 page.locator('[data-testid="stImage"]').nth(images - 1).wait_for(timeout=90_000)
             if path in ("", "atlas"):
                 # Altair charts only render in a browser: wait for Vega's drawn marks
                 page.locator("canvas.marks, svg.marks").first.wait_for(timeout=60_000)
             time.sleep(1.5)
-            page.screenshot(path=str(SHOTS / f"{path or 'leaderboard'}.png"), full_page=True)
+            name = path.split("?")[0] or "leaderboard"
+            page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
             nav = page.locator('[data-testid="stSidebarNav"]')
             assert nav.get_by_text("Contrastive segmentation").count() == 1, f"navigation is not st.navigation's on /{path}"
             assert page.locator('[data-testid="stException"]').count() == 0, f"exception on /{path}"
             if path == "":
                 assert page.locator("canvas.marks, svg.marks").count() >= 3, "the leaderboard should draw 3 charts"
+        # a click on a cell of the atlas grid opens that head's page
+        page.goto(f"{server}/atlas", wait_until="domcontentloaded")
+        marks = page.locator("canvas.marks, svg.marks").first
+        marks.wait_for(timeout=60_000)
+        time.sleep(1.0)
+        box = marks.bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+        page.wait_for_url("**/head?**", timeout=30_000)
+        page.get_by_role("heading", name="Head", exact=True).first.wait_for(timeout=30_000)
+        assert "layer=" in page.url and "head=" in page.url
+        timings = first_paint_timings(page, server)
+        TIMINGS.write_text(json.dumps(timings, indent=2))
+        slow = {p: t for p, t in timings.items() if t["p50_s"] > FIRST_PAINT_LIMIT_S}
+        assert not slow, f"pages slower than {FIRST_PAINT_LIMIT_S} s to their first image or chart: {slow}"
         browser.close()
+
+
+def first_paint_timings(page, server: str, visits: int = 3) -> dict:
+    """Per page: seconds from navigation to its first drawn image or chart (the model is warm by now), p50 of
+    `visits` fresh loads."""
+    out = {}
+    first = '[data-testid="stImage"] img, canvas.marks, svg.marks'
+    for path in PAGES:
+        times = []
+        for _ in range(visits):
+            t = time.perf_counter()
+            page.goto(f"{server}/{path}", wait_until="commit")
+            page.locator(first).first.wait_for(timeout=60_000)
+            times.append(time.perf_counter() - t)
+        out[path.split("?")[0] or "leaderboard"] = {"p50_s": round(sorted(times)[len(times) // 2], 3),
+                                                    "visits_s": [round(x, 3) for x in times]}
+    return out

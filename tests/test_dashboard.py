@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 PAGES = ["views/leaderboard.py", "views/atlas.py", "views/property_search.py", "views/topic_segmentation.py",
-         "views/contrastive.py", "views/image_neighbours.py", "views/text_neighbours.py", "views/neurons.py"]
+         "views/contrastive.py", "views/image_neighbours.py", "views/text_neighbours.py", "views/neurons.py", "views/head.py"]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,18 @@ def test_leaderboard_shows_runs_and_metrics(store):
 def test_atlas_head_from_query_params(store):
     at = app(store, "views/atlas.py", layer=5, head=3)
     assert at.selectbox(key="layer").value == 5 and at.selectbox(key="head").value == 3
-    assert any("Property" in m.value for m in at.markdown)
-    assert any("score highest" in h.value for h in at.subheader)
+    assert any("L5.H3" in m.value for m in at.markdown)
+
+
+def test_head_page_by_url(store):
+    at = app(store, "views/head.py", layer=5, head=3)
+    assert not at.exception
+    assert any("Layer 5, head 3" in h.value for h in at.subheader)
+    assert at.metric[0].label == "property" and at.metric[2].label == "stability"
+    assert any("Furthest along" in m.value for m in at.markdown)
+    # 8 top + 8 bottom + picked image's overlay + colour bar + 8 neighbours
+    assert len(at.get("image")) >= 8 + 8 + 2 + 8
+    assert at.text_input(key="htext").value                         # seeded with the head's first text
 
 
 def test_image_neighbours_gallery_and_upload(store):
@@ -184,8 +194,8 @@ def test_neurons_page_without_tables_explains(store, tmp_path):
     assert not at.exception and any("clip-atlas neurons" in i.value for i in at.info)
 
 
-def test_atlas_links_neurons_of_a_head(store):
-    at = app(store, "views/atlas.py", layer=5, head=0)
+def test_head_page_links_neurons_of_the_head(store):
+    at = app(store, "views/head.py", layer=5, head=0)
     assert not at.exception
     assert any("flows mainly through this head" in h.value for h in at.subheader)
 

@@ -1,8 +1,8 @@
-"""Every head: its property, its TextSpan texts, the images that express it most."""
+"""Every head at a glance: the property grid (click a cell to open that head), ground truth on Shapes stores."""
 import streamlit as st
 
 from dashboard import charts
-from dashboard.common import start_page, image_grid, pick_head, show_errors
+from dashboard.common import pick_head, show_errors, start_page
 
 s, run = start_page("Head atlas")
 with show_errors():
@@ -10,7 +10,12 @@ with show_errors():
     truth = s.ground_truth(run)
     c1, c2 = st.columns(2)
     if props:
-        c1.altair_chart(charts.property_grid(props), width="content")
+        event = c1.altair_chart(charts.property_grid(props, clickable=True), width="content", on_select="rerun",
+                                key="grid")
+        cell = (event.selection.get("cell") or [None])[0] if event is not None else None
+        if cell:
+            st.switch_page("views/head.py", query_params={"run": run.name, "layer": cell["layer"], "head": cell["head"]})
+        c1.caption("Click a cell to open that head.")
     else:
         c1.info("No property labels yet: `clip-atlas textspan RUN` then `clip-atlas label RUN`.")
     if truth:
@@ -18,23 +23,8 @@ with show_errors():
     st.divider()
     layer, head = pick_head(run)
     label = {(l, h): (p, c) for l, h, p, c in props}.get((layer, head))
-    if label:
-        st.markdown(f"**Property:** {label[0]} · confidence {label[1]:.0%}")
     texts = s.head_texts(run, layer, head)
-    if texts:
-        st.altair_chart(charts.text_bars(texts), width="stretch")
-        direction = s.head_direction(run, layer, head)
-        st.subheader(f"Images that score highest on “{texts[0][1]}”")
-        image_grid(s, run, s.head_top_k(run, layer, head, direction, k=8), score_name="projection on the direction")
-    else:
-        st.info("This head has no TextSpan texts yet.")
-    if s.neuron_layers(run):
-        feeding = s.neurons_through_head(run, layer, head, limit=6)
-        st.subheader("Neurons whose second-order effect flows mainly through this head")
-        if not feeding:
-            st.caption("None of the analysed MLP neurons sends most of its effect through this head.")
-        for r in feeding:
-            st.page_link("views/neurons.py", icon=":material/neurology:",
-                         label=f"L{r['layer']} neuron {r['neuron']} · {r['main_head_share']:.0%} via this head · "
-                               + " · ".join(r["texts"][:3]),
-                         query_params={"run": run.name, "nlayer": r["layer"], "neuron": r["neuron"]})
+    st.markdown(f"**L{layer}.H{head}** · " + (f"property: {label[0]} ({label[1]:.0%})" if label else "no property")
+                + (f" · “{texts[0][1]}”" if texts else ""))
+    st.page_link("views/head.py", label=f"Open head L{layer}.H{head}", icon=":material/open_in_new:",
+                 query_params={"run": run.name, "layer": layer, "head": head})

@@ -61,7 +61,7 @@ with show_errors():
     m3.metric("explained by its texts", f"{info['text_share']:.0%}")
     m4.metric("main head", f"L{info['main_head_layer']}.H{info['main_head']}", f"{info['main_head_share']:.0%} of it",
               delta_color="off")
-    st.page_link("views/atlas.py", label=f"Open head L{info['main_head_layer']}.H{info['main_head']} in the atlas",
+    st.page_link("views/head.py", label=f"Open head L{info['main_head_layer']}.H{info['main_head']}",
                  icon=":material/grid_view:",
                  query_params={"run": run.name, "layer": info["main_head_layer"], "head": info["main_head"]})
     left, right = st.columns(2)
