@@ -102,6 +102,45 @@ def open_run(path: str | Path) -> "Run":
 
 
 @dataclass
+class Comparison:
+    """Several runs side by side (`compare`)."""
+    runs: list[str]
+    metrics: "pd.DataFrame"       # metric, run, value (model-level metrics)
+    properties: "pd.DataFrame"    # run, layer, head, property, confidence
+    texts: "pd.DataFrame"         # run, layer, head, property, texts (list, TextSpan order)
+
+    def heads_per_property(self) -> "pd.DataFrame":
+        """property x run: the number of heads labelled with it."""
+        return (self.properties.groupby(["property", "run"]).size().unstack("run", fill_value=0)
+                .reindex(columns=self.runs, fill_value=0))
+
+    def property_heads(self, prop: str) -> "pd.DataFrame":
+        """The heads labelled `prop` in every run, with their TextSpan texts."""
+        return self.texts[self.texts["property"] == prop].reset_index(drop=True)
+
+
+def compare(store: str | Path | Store, runs: Sequence[str]) -> Comparison:
+    """Runs of one store folder side by side: model-level metrics, property labels, and each labelled head's texts."""
+    import pandas as pd
+    s = store if isinstance(store, Store) else Store(store)
+    infos = [s.run(name) for name in runs]
+    for info in infos:
+        if not info.ok:
+            raise AtlasError(f"run {info.name} cannot be used: {info.problem}")
+    metrics = pd.DataFrame([(m, i.name, v) for i in infos for _, _, m, v in s.metrics(i, "model")],
+                           columns=["metric", "run", "value"])
+    props = pd.DataFrame([(i.name, l, h, p, c) for i in infos for l, h, p, c in s.properties(i)],
+                         columns=["run", "layer", "head", "property", "confidence"])
+    rows = []
+    for i in infos:
+        texts: dict[tuple[int, int], list[str]] = {}
+        for l, h, _, t in s.all_head_texts(i):
+            texts.setdefault((l, h), []).append(t)
+        rows += [(i.name, l, h, p, texts.get((l, h), [])) for l, h, p, _ in s.properties(i)]
+    return Comparison(list(runs), metrics, props, pd.DataFrame(rows, columns=["run", "layer", "head", "property", "texts"]))
+
+
+@dataclass
 class NeuronView:
     """One MLP neuron: its summary row (Store.NEURON_COLUMNS) and the images where its effect is largest."""
     layer: int

@@ -9,6 +9,7 @@ st.set_page_config(page_title="clip-atlas", page_icon=":material/hub:", layout="
 pages = {
     "Overview": [
         st.Page("views/leaderboard.py", title="Leaderboard", icon=":material/leaderboard:", default=True),
+        st.Page("views/compare.py", title="Compare models", icon=":material/compare_arrows:"),
         st.Page("views/atlas.py", title="Head atlas", icon=":material/grid_view:"),
         st.Page("views/head.py", title="Head", icon=":material/center_focus_strong:"),
     ],

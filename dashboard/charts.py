@@ -80,3 +80,12 @@ def weight_bars(texts: list[str], weights: list[float], title: str | None = None
         x=alt.X("weight:Q", title="weight in the description"),
         y=alt.Y("text:N", sort=alt.SortField("order"), title=None, axis=alt.Axis(labelLimit=320)),
         tooltip=["text", alt.Tooltip("weight:Q", format=".3f")])
+
+
+def metric_bars(rows: pd.DataFrame) -> alt.Chart:
+    """metric, run, value -> one small bar chart per metric (each on its own scale), runs side by side."""
+    return alt.Chart(rows).mark_bar().encode(
+        x=alt.X("value:Q", title=None), y=alt.Y("run:N", title=None), color=alt.Color("run:N", legend=None),
+        tooltip=["metric", "run", alt.Tooltip("value:Q", format=".4f")],
+    ).properties(width=220, height=alt.Step(16)).facet(facet=alt.Facet("metric:N", title=None), columns=3
+    ).resolve_scale(x="independent")

@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 PAGES = ["views/leaderboard.py", "views/atlas.py", "views/property_search.py", "views/topic_segmentation.py",
-         "views/contrastive.py", "views/image_neighbours.py", "views/text_neighbours.py", "views/neurons.py", "views/head.py"]
+         "views/contrastive.py", "views/image_neighbours.py", "views/text_neighbours.py", "views/neurons.py", "views/head.py", "views/compare.py"]
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +221,42 @@ def test_scores_are_readable_with_the_raw_value_on_hover(store):
     assert len(caps) == 8
     assert all(-1 <= float(c.value.split()[1]) <= 1 for c in caps)
     assert all("dot product" in c.help for c in caps)
+
+
+@pytest.fixture(scope="module")
+def two_runs(shapes_run, tmp_path_factory):
+    """The small run twice, the second with a head relabelled, so the comparison has something to show."""
+    import pyarrow.parquet as pq
+    from compute.metrics import run_metrics
+    run, _ = shapes_run
+    if not (run / "metrics.parquet").is_file():
+        run_metrics(str(run), progress=False)
+    root = tmp_path_factory.mktemp("two")
+    shutil.copytree(run, root / "run-a")
+    shutil.copytree(run, root / "run-b")
+    t = pq.read_table(root / "run-b" / "properties.parquet").to_pandas()
+    t.loc[0, "property"] = "relabelled"
+    t.to_parquet(root / "run-b" / "properties.parquet", index=False)
+    return root
+
+
+def test_compare_page(two_runs):
+    from compute import api
+    at = app(two_runs, "views/compare.py")
+    assert not at.exception
+    assert at.multiselect(key="runs").value == ["run-a", "run-b"]
+    metrics = at.dataframe[0].value
+    assert list(metrics.columns) == ["run-a", "run-b"] and (metrics["run-a"] == metrics["run-b"]).all()
+    counts = at.dataframe[1].value
+    cmp = api.compare(two_runs, ["run-a", "run-b"])
+    assert counts.loc["relabelled", "run-b"] == 1 and counts.loc["relabelled", "run-a"] == 0
+    assert (cmp.heads_per_property().sum() == len(cmp.properties) / 2).all()
+    prop = at.selectbox(key="prop").value
+    assert at.query_params["prop"] == prop and at.query_params["runs"] == "run-a,run-b"
+    assert any(f"labelled “{prop}”" in h.value for h in at.subheader)
+    assert len(at.get("download_button")) == 2
+
+
+def test_compare_page_needs_two_runs(store):
+    at = app(store, "views/compare.py")
+    assert not at.exception and any("two complete runs" in i.value for i in at.info)
