@@ -104,11 +104,26 @@ class Store:
     def image_count(self, run: RunInfo) -> int:
         return self.sql("SELECT count(*) FROM read_parquet(?)", [self._glob(run, "images", "*.parquet")])[0][0]
 
-    def gallery(self, run: RunInfo, limit: int = 24, offset: int = 0, label: str | None = None) -> list[tuple[int, str, str | None]]:
-        return self.sql("""
-            SELECT image_id, path, label FROM read_parquet(?)
-            WHERE ? IS NULL OR label = ?
-            ORDER BY path LIMIT ? OFFSET ?""", [self._glob(run, "images", "*.parquet"), label, label, limit, offset])
+    @staticmethod
+    def _gallery_filter(label: str | None, search: str | None) -> tuple[str, list]:
+        """The WHERE clause and its parameters: `label` exact, `search` a case-insensitive literal substring of the
+        path or the label (% and _ escaped, so they are not wildcards)."""
+        pattern = None if not search else "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        clause = ("WHERE (? IS NULL OR label = ?) AND (? IS NULL OR path ILIKE ? ESCAPE '\\' "
+                  "OR coalesce(label, '') ILIKE ? ESCAPE '\\')")
+        return clause, [label, label, pattern, pattern, pattern]
+
+    def gallery(self, run: RunInfo, limit: int = 24, offset: int = 0, label: str | None = None,
+                search: str | None = None) -> list[tuple[int, str, str | None]]:
+        """One page of images, ordered by path, filtered as `_gallery_filter` says."""
+        where, params = self._gallery_filter(label, search)
+        return self.sql(f"SELECT image_id, path, label FROM read_parquet(?) {where} ORDER BY path LIMIT ? OFFSET ?",
+                        [self._glob(run, "images", "*.parquet"), *params, limit, offset])
+
+    def gallery_count(self, run: RunInfo, label: str | None = None, search: str | None = None) -> int:
+        where, params = self._gallery_filter(label, search)
+        return self.sql(f"SELECT count(*) FROM read_parquet(?) {where}",
+                        [self._glob(run, "images", "*.parquet"), *params])[0][0]
 
     def labels(self, run: RunInfo) -> list[str]:
         return [r[0] for r in self.sql("SELECT DISTINCT label FROM read_parquet(?) WHERE label IS NOT NULL ORDER BY 1",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -41,10 +42,22 @@ def api_run(s: Store, run: RunInfo) -> api.Run:
     return api.Run(s, run, model_loader=live.model)
 
 
-def show_hits(s: Store, run: RunInfo, hits, score_name: str = "dot product") -> None:
-    """An API result table (image_id, score, cosine, ...) as an image grid."""
+def show_hits(s: Store, run: RunInfo, hits, score_name: str = "dot product", name: str = "results") -> None:
+    """An API result table (image_id, score, cosine, ...) as an image grid, with a CSV download of the table."""
     image_grid(s, run, list(zip(hits["image_id"].tolist(), hits["score"].tolist(), hits["cosine"].tolist())),
                score_name=score_name)
+    download_csv(hits.drop(columns=["file"], errors="ignore").rename(columns={"score": score_name.replace(" ", "_")}),
+                 name)
+
+
+def download_csv(df, name: str) -> None:
+    """A download button for a result table, as `name`.csv."""
+    st.download_button(f"Download {name} (CSV)", df.to_csv(index=False).encode(), f"{slug(name)}.csv", "text/csv",
+                       key=f"dl_{slug(name)}", icon=":material/download:")
+
+
+def slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")[:80] or "download"
 
 
 def score_caption(score: float, cosine: float | None = None, score_name: str = "dot product") -> tuple[str, str]:
@@ -73,14 +86,19 @@ def set_params(**values) -> None:
             st.query_params[k] = str(v)
 
 
+def usable_runs(s: Store) -> list[RunInfo]:
+    """The store's complete runs; each run that cannot be used gets a warning with the reason."""
+    runs = s.runs()
+    for r in runs:
+        if not r.ok:
+            st.warning(f"Run **{r.name}** is skipped: {r.problem}")
+    return [r for r in runs if r.ok]
+
+
 def pick_run(need: tuple[str, ...] = ()) -> tuple[Store, RunInfo] | None:
     """Select a usable run (bound to ?run=); explains and returns None when there is none."""
     s = current_store()
-    runs = s.runs()
-    bad = [r for r in runs if not r.ok]
-    good = [r for r in runs if r.ok and all(r.has(t) for t in need)]
-    for r in bad:
-        st.warning(f"Run **{r.name}** is skipped: {r.problem}")
+    good = [r for r in usable_runs(s) if all(r.has(t) for t in need)]
     if not good:
         what = f" with {', '.join(need)}" if need else ""
         st.info(f"No complete run{what} in `{s.root}`. Build one with `clip-atlas demo --no-serve` "
@@ -136,24 +154,61 @@ def pick_image(s: Store, run: RunInfo, key: str = "img") -> PickedImage | None:
             return PickedImage(live.decode_upload(up.getvalue()), None, up.name)
         return None
     set_params(src=None)
-    rows = s.gallery(run, limit=48)
-    if not rows:
+    choice = gallery_grid(s, run, key)
+    if choice is None:
+        return None
+    path = s.image_path(run, choice)
+    info = s.image_info(run, [choice]).get(choice, ("?", None))
+    with show_errors():
+        return PickedImage(live.decode_upload(path.read_bytes()), choice, info[0] + (f"  ({info[1]})" if info[1] else ""))
+    return None
+
+
+GALLERY_PAGE = 12
+
+
+def gallery_grid(s: Store, run: RunInfo, key: str) -> int | None:
+    """A paged thumbnail grid of the run's images with a label filter and a path/label search; a click on an image's
+    button picks it. The pick is kept in the URL (?image=ID); the first image is picked when there is none."""
+    if s.image_count(run) == 0:
         st.info("This run has no images.")
         return None
-    ids = [r[0] for r in rows]
-    wanted = param("image", ids[0], int)
-    if wanted not in ids:  # a shared URL may point past the first page of the gallery
-        extra = s.image_info(run, [wanted])
-        if wanted in extra:
-            rows, ids = [(wanted, *extra[wanted])] + rows, [wanted] + ids
-    labels = {r[0]: f"{r[1]}" + (f"  ({r[2]})" if r[2] else "") for r in rows}
-    choice = st.selectbox("Gallery image", ids, index=ids.index(wanted) if wanted in ids else 0,
-                          format_func=lambda i: labels[i], key=f"{key}_gallery")
-    set_params(image=choice)
-    path = s.image_path(run, choice)
-    with show_errors():
-        return PickedImage(live.decode_upload(path.read_bytes()), choice, labels[choice])
-    return None
+    picked = param("image", None, int)
+    if picked is not None and picked not in s.image_info(run, [picked]):
+        picked = None
+    with st.expander("Gallery: pick an image", expanded=picked is None):
+        c1, c2, c3 = st.columns([2, 3, 1])
+        labels = ["All labels"] + s.labels(run)
+        wanted = param("glabel", "All labels")
+        label = c1.selectbox("Label", labels, index=labels.index(wanted) if wanted in labels else 0, key=f"{key}_glabel")
+        search = c2.text_input("Search path or label", value=param("gsearch", ""), key=f"{key}_gsearch")
+        label = None if label == "All labels" else label
+        total = s.gallery_count(run, label, search.strip() or None)
+        pages = max(1, -(-total // GALLERY_PAGE))
+        page = c3.number_input(f"Page (of {pages})", 1, pages, min(max(1, param("gpage", 1, int)), pages),
+                               key=f"{key}_gpage")
+        set_params(glabel=label, gsearch=search.strip() or None, gpage=page if page > 1 else None)
+        rows = s.gallery(run, limit=GALLERY_PAGE, offset=(page - 1) * GALLERY_PAGE, label=label,
+                         search=search.strip() or None)
+        if not rows:
+            st.caption("No image matches.")
+        cols = st.columns(6)
+        for n, (image_id, path, lab) in enumerate(rows):
+            with cols[n % 6]:
+                try:
+                    show_image(Image.open(full_path(run, path)).convert("RGB"), px=96)
+                except OSError:
+                    st.caption(f"missing {path}")
+                if st.button(lab or Path(path).name, key=f"{key}_pick_{image_id}", help=path,
+                             type="primary" if image_id == picked else "secondary"):
+                    picked = image_id
+        st.caption(f"{total} images" + (f" with label {label}" if label else "") +
+                   (f" matching “{search.strip()}”" if search.strip() else ""))
+    if picked is None:
+        first = s.gallery(run, limit=1)
+        picked = first[0][0]
+    set_params(image=picked)
+    return picked
 
 
 @contextlib.contextmanager
@@ -219,6 +274,11 @@ def show_heatmap(image: Image.Image, heat, vmin: float, vmax: float, caption: st
     from compute.maths.segment import overlay
 
     from .charts import colour_bar
-    show_image(overlay(image, heat, vmin, vmax), caption)
+    shown = overlay(image, heat, vmin, vmax)
+    show_image(shown, caption)
     st.image(colour_bar(vmin, vmax), width=DISPLAY_PX)
     st.caption(f"blue {vmin:+.4f} · white 0 · red {vmax:+.4f}" if vmin < 0 < vmax else f"{vmin:+.4f} … {vmax:+.4f}")
+    buf = io.BytesIO()
+    shown.save(buf, format="PNG")
+    st.download_button("Download heatmap (PNG)", buf.getvalue(), f"{slug(caption)}.png", "image/png",
+                       key=f"dl_png_{slug(caption)}", icon=":material/download:")

@@ -260,3 +260,47 @@ def test_compare_page(two_runs):
 def test_compare_page_needs_two_runs(store):
     at = app(store, "views/compare.py")
     assert not at.exception and any("two complete runs" in i.value for i in at.info)
+
+
+def test_gallery_pages_filters_and_picks(store):
+    at = app(store, "views/image_neighbours.py")
+    first = at.query_params["image"]
+    assert len([b for b in at.button if b.key and b.key.startswith("img_pick_")]) == 12
+    at.number_input(key="img_gpage").set_value(2).run()
+    assert at.query_params["gpage"] == "2"
+    pick = [b for b in at.button if b.key and b.key.startswith("img_pick_")][3]
+    pick.click().run()
+    chosen = pick.key.removeprefix("img_pick_")
+    assert at.query_params["image"] == chosen != first
+    assert not at.exception and any("Top 8" in h.value for h in at.subheader)
+    # a label filter and a search narrow the grid; a literal % matches nothing rather than everything
+    label = at.selectbox(key="img_glabel").options[1]
+    at.selectbox(key="img_glabel").set_value(label).run()
+    assert at.query_params["glabel"] == label
+    at.text_input(key="img_gsearch").set_value("%").run()
+    assert any("No image matches" in c.value for c in at.caption)
+    # the URL keeps the pick on a fresh visit
+    again = app(store, "views/image_neighbours.py", image=chosen)
+    assert again.query_params["image"] == chosen
+
+
+def test_gallery_query_filters(store):
+    from compute.query import Store
+    s = Store(store)
+    run = next(r for r in s.runs() if r.ok)
+    n = s.image_count(run)
+    assert s.gallery_count(run) == n and len(s.gallery(run, limit=n + 5)) == n
+    label = s.labels(run)[0]
+    assert all(r[2] == label for r in s.gallery(run, limit=100, label=label))
+    assert s.gallery_count(run, search=label.upper()) >= s.gallery_count(run, label=label)
+    assert s.gallery_count(run, search="%") == 0 and s.gallery_count(run, search="_") == 0
+
+
+def test_exports_on_every_result(store):
+    at = app(store, "views/head.py", layer=5, head=2)
+    labels = [b.label for b in at.get("download_button")]
+    assert sum("(CSV)" in x for x in labels) == 4 and sum("(PNG)" in x for x in labels) == 1
+    for page in ("views/image_neighbours.py", "views/text_neighbours.py", "views/property_search.py",
+                 "views/topic_segmentation.py", "views/contrastive.py", "views/neurons.py", "views/leaderboard.py"):
+        at = app(store, page)
+        assert not at.exception and at.get("download_button"), page

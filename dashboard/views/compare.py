@@ -4,12 +4,12 @@ import streamlit as st
 from compute import api
 
 from dashboard import charts
-from dashboard.common import current_store, param, set_params, show_errors
+from dashboard.common import current_store, param, set_params, show_errors, usable_runs
 
 st.title("Compare models")
 s = current_store()
 with show_errors():
-    names = [r.name for r in s.runs() if r.ok]
+    names = [r.name for r in usable_runs(s)]
     if len(names) < 2:
         st.info(f"Comparing needs two complete runs in `{s.root}`; this store has {len(names)}. "
                 "`clip-atlas compute --model ... --out artifacts/RUN` adds one.")

@@ -4,7 +4,7 @@ import streamlit as st
 from compute.maths.segment import symmetric_range
 
 from dashboard import charts
-from dashboard.common import (api_run, param, pick_head, pick_image, set_params, show_errors, show_heatmap, show_hits,
+from dashboard.common import (api_run, download_csv, param, pick_head, pick_image, set_params, show_errors, show_heatmap, show_hits,
                               show_image, start_page)
 
 s, run = start_page("Head")
@@ -24,14 +24,16 @@ with show_errors():
         st.info("This head has no TextSpan texts yet: `clip-atlas textspan RUN`.")
     else:
         st.altair_chart(charts.text_bars(list(view.texts.itertuples(index=False, name=None))), width="stretch")
+        download_csv(view.texts, f"L{layer}.H{head} texts")
         first = view.texts.text.iloc[0]
         a, b = st.columns(2)
         with a:
             st.markdown(f"**Furthest along “{first}”**")
-            show_hits(s, run, view.top, score_name="projection on the direction")
+            show_hits(s, run, view.top, score_name="projection on the direction", name=f"L{layer}.H{head} top images")
         with b:
             st.markdown(f"**Furthest against it**")
-            show_hits(s, run, view.bottom, score_name="projection on the direction")
+            show_hits(s, run, view.bottom, score_name="projection on the direction",
+                      name=f"L{layer}.H{head} bottom images")
     st.divider()
     st.markdown("**An image through this head**")
     img = pick_image(s, run, key="himg")
@@ -46,7 +48,7 @@ with show_errors():
         with c2:
             target = img.image_id if img.image_id is not None else img.image
             st.markdown("Its nearest stored images through this head")
-            show_hits(s, run, api.neighbours(target, layer, head, k=8))
+            show_hits(s, run, api.neighbours(target, layer, head, k=8), name=f"L{layer}.H{head} neighbours")
     if s.neuron_layers(run):
         feeding = s.neurons_through_head(run, layer, head, limit=6)
         st.subheader("Neurons whose second-order effect flows mainly through this head")

@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts
-from dashboard.common import current_store, show_errors
+from dashboard.common import current_store, download_csv, show_errors
 from compute.query import manifest_summary
 
 st.title("Leaderboard")
@@ -23,6 +23,7 @@ with show_errors():
     df = pd.DataFrame(board, columns=["run", "model", "metric", "value"]).pivot_table(
         index=["run", "model"], columns="metric", values="value").reset_index()
     st.dataframe(df, hide_index=True, width="stretch")
+    download_csv(df, "leaderboard")
     st.caption("association: higher is better · entanglement: lower is better · definitions in docs/metrics.md")
     ok = [r for r in runs if r.ok and r.has("metrics")]
     layer_rows = [(r.name, l, m, v) for r in ok for l, _, m, v in s.metrics(r, "layer") if m.startswith("ablation_cosine")]

@@ -4,7 +4,7 @@ import streamlit as st
 from compute.maths.segment import symmetric_range
 
 from dashboard import charts
-from dashboard.common import (api_run, param, pick_image, set_params, show_errors, show_heatmap, show_hits, show_image,
+from dashboard.common import (api_run, download_csv, param, pick_image, set_params, show_errors, show_heatmap, show_hits, show_image,
                               start_page)
 
 ORDERS = {"mean_norm": "mean effect", "max_norm": "largest effect", "direction_share": "one-direction share",
@@ -46,6 +46,7 @@ with show_errors():
                               "main_head_share": st.column_config.NumberColumn("via head", format="%.2f",
                                                                                help="share through the main head"),
                               "score": st.column_config.NumberColumn("cosine", format="%.3f")})
+    download_csv(table[cols], f"neurons of layer {layer}")
     rows = picked.selection.rows if picked is not None else []
     ids = table["neuron"].tolist()
     neuron = ids[rows[0]] if rows else param("neuron", ids[0] if ids else 0, int)
@@ -68,7 +69,7 @@ with show_errors():
     with left:
         st.altair_chart(charts.weight_bars(info["texts"], info["text_weights"], "Its description"), width="stretch")
         st.markdown("**Images where its effect is largest** (under each: the effect's norm)")
-        show_hits(s, run, view.top, score_name="effect norm")
+        show_hits(s, run, view.top, score_name="effect norm", name=f"neuron {layer}.{neuron} top images")
     with right:
         st.markdown("**Where in an image its effect comes from**")
         text = st.text_input("Project on a text instead of the neuron's direction", value=param("ntext", ""),
