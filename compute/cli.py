@@ -125,6 +125,11 @@ def _neurons(a: argparse.Namespace) -> None:
           f"-> {Path(a.run) / 'neurons'}")
 
 
+def _report(a: argparse.Namespace) -> None:
+    from .jobs.report import write_report
+    print(f"report: {write_report(a.run, a.out)}")
+
+
 def _label(a: argparse.Namespace) -> None:
     from .properties import run_label
     labels = run_label(a.run, a.method, a.reference)
@@ -235,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     nr.add_argument("--batch-size", type=int, default=32)
     nr.add_argument("--device", default="auto")
     nr.set_defaults(func=_neurons)
+
+    rp = sub.add_parser("report", help="a run's summary as one HTML page")
+    rp.add_argument("run")
+    rp.add_argument("--out", default=None, help="where to write it (default RUN/report.html)")
+    rp.set_defaults(func=_report)
 
     mt = sub.add_parser("metrics", help="interpretability metrics of a run")
     mt.add_argument("run")

@@ -163,3 +163,22 @@ def test_shapes_neurons_fire_on_their_described_value(tmp_path):
     assert text_value("an object in the top center", "position") == ("position", "top center")
     assert text_value("a scene on night sky", "background") == ("background", "night sky")
     assert text_value("a red object", None) is None
+
+
+def test_report_is_one_self_contained_page(shapes_run, tmp_path, capsys):
+    import re
+
+    from compute.cli import main
+    run, man = shapes_run
+    out = tmp_path / "r.html"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "<script" not in text and not re.search(r'(src|href)="http', text)
+    assert f"clip-atlas report: {run.name}" in text and "Head properties" in text
+    assert "MLP layer 4" in text                                   # the neuron table is summarised
+    # every labelled head appears with its texts
+    import pyarrow.parquet as pq
+    labelled = [r for r in pq.read_table(run / "properties.parquet").to_pylist() if r["property"] != "unlabelled"]
+    assert all(f"L{r['layer']}.H{r['head']}" in text for r in labelled)
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no run at" in capsys.readouterr().err

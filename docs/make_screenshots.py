@@ -1,0 +1,67 @@
+"""Regenerate the README's screenshots (docs/images/*.png) from the demo store with a second run beside it.
+
+    clip-atlas demo --no-serve
+    clip-atlas compute --model shapes-spurious --images artifacts/shapes-demo-data --out artifacts/shapes-spurious
+    clip-atlas textspan artifacts/shapes-spurious && clip-atlas label artifacts/shapes-spurious && clip-atlas metrics artifacts/shapes-spurious
+    python docs/make_screenshots.py
+
+Needs Chromium and Playwright (`make browser`).
+"""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "images"
+SHOTS = {"compare.png": ("compare?runs=shapes-demo,shapes-spurious&prop=background", "Compare models", 2400),
+         "head.png": ("head?run=shapes-demo&layer=5&head=1", "Head", 2000)}
+
+
+def main() -> None:
+    from playwright.sync_api import sync_playwright
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"),
+                             "--server.port", str(port), "--server.headless", "true", "--", "--store",
+                             str(ROOT / "artifacts")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.3)
+        OUT.mkdir(parents=True, exist_ok=True)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", headless=True,
+                                        args=["--no-sandbox", "--disable-gpu"])
+            for name, (path, title, height) in SHOTS.items():
+                page = browser.new_page(viewport={"width": 1400, "height": height})
+                page.goto(f"{url}/{path}", wait_until="domcontentloaded")
+                page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=90_000)
+                page.locator("canvas.marks, svg.marks").first.wait_for(timeout=90_000)
+                time.sleep(4)
+                raw = OUT / f"raw-{name}"
+                page.screenshot(path=str(raw))
+                img = Image.open(raw).convert("RGB")
+                img.thumbnail((1000, 1600))
+                img.quantize(colors=128).save(OUT / name, optimize=True)
+                raw.unlink()
+                print(f"{OUT / name}: {(OUT / name).stat().st_size // 1024} KB")
+            browser.close()
+    finally:
+        proc.terminate()
+
+
+if __name__ == "__main__":
+    main()
