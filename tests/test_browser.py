@@ -21,7 +21,7 @@ SHOTS = ROOT / "screenshots"
 PAGES = {"atlas": ("Head atlas", 0), "": ("Leaderboard", 0), "property_search": ("Property search", 2),
          "topic_segmentation": ("Topic segmentation", 3), "contrastive": ("Contrastive segmentation", 5),
          "image_neighbours": ("Image neighbours", 2), "text_neighbours": ("Text neighbours", 1),
-         "head?layer=5&head=1": ("Head", 26), "neurons": ("Neurons", 11)}
+         "head?layer=5&head=1": ("Head", 26), "neurons": ("Neurons", 11), "compare": ("Compare models", 0)}
 #: a page's first drawn image or chart must come within this many seconds (p50 of 3 visits, model warm)
 FIRST_PAINT_LIMIT_S = 5.0
 TIMINGS = ROOT / "screenshots" / "timings.json"
@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(shapes_run):
+def server(shapes_run, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (make browser)")
     pytest.importorskip("playwright")
@@ -44,10 +44,13 @@ def server(shapes_run):
     run, _ = shapes_run
     if not (run / "metrics.parquet").is_file():
         run_metrics(str(run), progress=False)
+    store = tmp_path_factory.mktemp("browser-store")      # the run twice, so the compare page has two runs
+    shutil.copytree(run, store / run.name)
+    shutil.copytree(run, store / f"{run.name}-copy")
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "dashboard" / "app.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--", "--store", str(run.parent)],
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--", "--store", str(store)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -78,7 +81,7 @@ def test_every_page_in_chromium(server):
             page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=60_000)
             if images:  # live work (model load, token maps) finishes when the images are there
                 page.locator('[data-testid="stImage"]').nth(images - 1).wait_for(timeout=90_000)
-            if path in ("", "atlas"):
+            if path in ("", "atlas", "compare"):
                 # Altair charts only render in a browser: wait for Vega's drawn marks
                 page.locator("canvas.marks, svg.marks").first.wait_for(timeout=60_000)
             time.sleep(1.5)
