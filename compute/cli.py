@@ -184,6 +184,7 @@ def _shapes_card(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .jobs.neurons import DEFAULT_TEXTS as NEURON_TEXTS, TOP_K as NEURON_TOP_K
     from .jobs.textspan import DEFAULT_M, DEFAULT_RANK
     from .eval.segmentation import METHODS as SEG_METHODS
     from .properties import METHODS
@@ -235,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     nr.add_argument("--layers", default=None,
                     help="MLP layers (default: from 2/3 of the depth to the second-to-last, as the paper studies)")
     nr.add_argument("--images", type=int, default=None, help="use the first N of the run's images (default: all)")
-    nr.add_argument("--texts", type=int, default=5, help="texts in each neuron's sparse description")
-    nr.add_argument("--top-k", type=int, default=8, help="top images kept per neuron")
+    nr.add_argument("--texts", type=int, default=NEURON_TEXTS, help="texts in each neuron's sparse description")
+    nr.add_argument("--top-k", type=int, default=NEURON_TOP_K, help="top images kept per neuron")
     nr.add_argument("--batch-size", type=int, default=32)
     nr.add_argument("--device", default="auto")
     nr.set_defaults(func=_neurons)

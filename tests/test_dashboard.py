@@ -15,12 +15,18 @@ PAGES = ["views/leaderboard.py", "views/atlas.py", "views/property_search.py", "
          "views/contrastive.py", "views/image_neighbours.py", "views/text_neighbours.py", "views/neurons.py", "views/head.py", "views/compare.py"]
 
 
-@pytest.fixture(scope="module")
-def store(shapes_run, tmp_path_factory):
+def with_metrics(shapes_run) -> Path:
+    """The shared small run, with its metrics table (the leaderboard and compare pages read it)."""
     from compute.metrics import run_metrics
     run, _ = shapes_run
     if not (run / "metrics.parquet").is_file():
         run_metrics(str(run), progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def store(shapes_run, tmp_path_factory):
+    run = with_metrics(shapes_run)
     root = tmp_path_factory.mktemp("dash")
     shutil.copytree(run, root / run.name)
     # a run that is still computing, and a folder with a malformed manifest: both shown as skipped
@@ -227,10 +233,7 @@ def test_scores_are_readable_with_the_raw_value_on_hover(store):
 def two_runs(shapes_run, tmp_path_factory):
     """The small run twice, the second with a head relabelled, so the comparison has something to show."""
     import pyarrow.parquet as pq
-    from compute.metrics import run_metrics
-    run, _ = shapes_run
-    if not (run / "metrics.parquet").is_file():
-        run_metrics(str(run), progress=False)
+    run = with_metrics(shapes_run)
     root = tmp_path_factory.mktemp("two")
     shutil.copytree(run, root / "run-a")
     shutil.copytree(run, root / "run-b")

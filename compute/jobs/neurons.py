@@ -15,7 +15,7 @@ A layer's table is written when it is complete, so an interrupted job resumes at
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,6 @@ class _Slice:
     top_vals: torch.Tensor | None = None       # [n, k]
     top_ids: torch.Tensor | None = None
     grams: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
     def start(self, model, k: int) -> None:
         from ..maths.neurons import SecondOrder
