@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from compute.jobs.neurons import _Slice  # noqa: E402
-from compute.maths.neurons import SecondOrder, default_neuron_layers  # noqa: E402
+from compute.maths.neurons import SecondOrder, default_neuron_layers, trace  # noqa: E402
 from compute.models import load_model  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def bench(spec: str, layer: int | None, n_images: int, batch: int, naive_neurons
             loaded.model.encode_image(x)
 
     def factorised():
-        state.add(x, ids)
+        state.add(trace(state.so.dec, x, (layer,)), ids)
 
     plain(), factorised()                                                        # warm up
     t_plain = t_fact = 0.0

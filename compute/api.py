@@ -296,7 +296,7 @@ class Run:
         t = t / max(float(np.linalg.norm(t)), 1e-12)
         layers = [self._neuron_layer(layer)] if layer is not None else self.store.neuron_layers(self.info)
         if not layers:
-            self._neuron_layer(None)
+            self._neuron_layer(None)                                # raises: the run has no neuron tables
         hits = []
         for l in layers:
             ids, dirs = self.store.neuron_directions(self.info, l)

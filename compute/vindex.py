@@ -113,7 +113,7 @@ def top_k(ids: np.ndarray, M: np.ndarray, query: np.ndarray, k: int,
     top = np.argpartition(scores, n - k)[n - k:]      # in place of a negated copy: one pass fewer over N
     top = top[np.argsort(-scores[top], kind="stable")]
     qn = float(np.linalg.norm(q)) or 1.0
-    norms = np.linalg.norm(np.asarray(M[np.sort(top)], np.float32), axis=1)
-    norm_of = dict(zip(np.sort(top).tolist(), norms.tolist()))
+    rows = np.sort(top)                                # ascending reads from a memory map
+    norm_of = dict(zip(rows.tolist(), np.linalg.norm(np.asarray(M[rows], np.float32), axis=1).tolist()))
     return [(int(ids[i]), float(scores[i]), float(scores[i] / (qn * norm_of[int(i)])) if norm_of[int(i)] else 0.0)
             for i in top]

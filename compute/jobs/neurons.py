@@ -9,7 +9,8 @@ pool mean, which every CLIP text shares, is subtracted so that picks say what is
 L2-normalised again.
 
 The folded readout G of a layer is [later heads, neurons, D]; layers (or neuron slices of a large
-layer) are grouped into passes over the images so that the G's held at once stay under G_BUDGET.
+layer) are grouped into passes over the images so that the G's held at once stay under G_BUDGET; one
+forward pass per batch serves every layer and slice of a pass.
 A layer's table is written when it is complete, so an interrupted job resumes at the next layer.
 """
 from __future__ import annotations
@@ -48,9 +49,9 @@ class _Slice:
     top_ids: torch.Tensor | None = None
     grams: torch.Tensor | None = None
 
-    def start(self, model, k: int) -> None:
+    def start(self, model, k: int, decomposer=None) -> None:
         from ..maths.neurons import SecondOrder
-        self.so = SecondOrder(model, self.layer, self.neurons)
+        self.so = SecondOrder(model, self.layer, self.neurons, decomposer)
         K, n = self.so.G.shape[:2]
         fd = self.so.G.dtype
         dev = self.so.G.device
@@ -63,9 +64,10 @@ class _Slice:
         self.top_ids = torch.full((n, k), -1, dtype=torch.long, device=dev)
         self.grams = self.so.grams()
 
-    def add(self, pixels: torch.Tensor, ids: torch.Tensor) -> None:
+    def add(self, tr, ids: torch.Tensor) -> None:
+        """Fold in one batch, from a forward `trace` that recorded this slice's layer."""
         from ..maths.neurons import effect_norms
-        b = self.so(pixels)
+        b = self.so.coefficients(tr)
         norms = effect_norms(b.s, self.grams)                       # [B, n]
         self.count += len(ids)
         self.sum_norm += norms.sum(0).double()
@@ -128,7 +130,7 @@ def run_neurons(run: str, layers: str | None = None, images: int | None = None, 
     from ..images import ImageRef
     from ..job import decoded_batches, default_workers, drop_text_tower, pick_device
     from ..maths.decompose import resolve_layers
-    from ..maths.neurons import default_neuron_layers, neuron_unsupported_reason
+    from ..maths.neurons import default_neuron_layers, neuron_unsupported_reason, trace
     from ..models import load_model
 
     store = RunStore(run)
@@ -174,8 +176,10 @@ def run_neurons(run: str, layers: str | None = None, images: int | None = None, 
     started = time.time()
     for p, group in enumerate(plan):
         slices = [_Slice(l, sl) for l, sl in group]
+        dec = loaded.decomposer()
         for s in slices:
-            s.start(loaded.model, top_k)
+            s.start(loaded.model, top_k, dec)
+        recorded = tuple(sorted({s.layer for s in slices}))
         desc = f"neurons L{','.join(str(l) for l in sorted({s.layer for s in slices}))}"
         bar = tqdm(total=len(refs), desc=desc + (f" pass {p + 1}/{len(plan)}" if len(plan) > 1 else ""), unit="img",
                    disable=not progress, dynamic_ncols=True)
@@ -184,8 +188,9 @@ def run_neurons(run: str, layers: str | None = None, images: int | None = None, 
             skipped += len(bad)
             if pixels is not None:
                 ids = torch.tensor([r.image_id for r in batch])
+                tr = trace(dec, pixels.to(dev), recorded)         # one forward serves every slice of the pass
                 for s in slices:
-                    s.add(pixels.to(dev), ids)
+                    s.add(tr, ids)
             bar.update(len(batch) + len(bad))
         bar.close()
         if not slices[0].count:

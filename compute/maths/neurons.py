@@ -66,6 +66,44 @@ class NeuronBatch:
     direct: torch.Tensor       # [B, n]      the first-order (direct) effect norm, for comparison
 
 
+@dataclass
+class Trace:
+    """What one forward pass leaves for the neuron coefficients of the recorded layers."""
+    acts: dict[int, torch.Tensor]    # layer -> [B, N, MLP width]: post-activation values
+    reads: dict[int, torch.Tensor]   # later layer -> [B, H, N]: e_k(i), readout-weighted attention / sigma
+    w: torch.Tensor                  # [B, n_pooled]: readout weight / ||out|| per pooled token
+    pooled: slice
+
+
+@torch.no_grad()
+def trace(dec: Decomposer, images: torch.Tensor, layers: tuple[int, ...]) -> Trace:
+    """One forward pass recording the activations of MLP `layers` and, for every later attention layer, the pooled
+    rows' attention divided by each token's ln_1 scale, weighted by the readout."""
+    fd = dec.fold_dtype
+    sl = dec._pool_slice()
+    first = min(layers)
+    x = dec.visual._embeds(images)
+    acts, rows = {}, {}
+    for i, blk in enumerate(dec.blocks):
+        want = i > first
+        attn_out, _, probs, _ = dec._attention(blk, blk.ln_1(x), sl, want)
+        if want:
+            rows[i] = (probs, torch.sqrt(x.to(fd).var(-1, unbiased=False) + blk.ln_1.eps))   # [B, H, n, N], [B, N]
+        x = x + blk.ls_1(attn_out)
+        if i in layers:
+            act = blk.mlp.gelu(blk.mlp.c_fc(blk.ln_2(x)))
+            x = x + blk.ls_2(blk.mlp.c_proj(act))
+            acts[i] = act
+        else:
+            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    with torch.autocast(x.device.type, enabled=False):
+        w = dec.readout_weights(x)                                  # [B, n_pool]
+        out = torch.einsum("bt,btw->bw", w, x[:, sl].to(fd)) @ dec.P + dec.beta_proj
+        w = w / out.norm(dim=-1, keepdim=True)
+        reads = {i: torch.einsum("bt,bhti->bhi", w, p.to(fd)) / sig[:, None] for i, (p, sig) in rows.items()}
+    return Trace(acts, reads, w, sl)
+
+
 class SecondOrder:
     """Second-order effects of the neurons `neurons` (all by default) of MLP layer `layer`."""
 
@@ -120,31 +158,19 @@ class SecondOrder:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> NeuronBatch:
+        return self.coefficients(trace(self.dec, images, (self.layer,)))
+
+    @torch.no_grad()
+    def coefficients(self, tr: "Trace") -> NeuronBatch:
+        """This layer's neurons' coefficients from a forward `trace` that recorded this layer (one trace can serve
+        several layers and neuron slices)."""
         dec, fd = self.dec, self.dec.fold_dtype
-        sl = dec._pool_slice()
-        x = dec.visual._embeds(images)
-        reads = []                                                  # (attention rows, 1/sigma) of later layers
-        for i, blk in enumerate(dec.blocks):
-            want = i > self.layer
-            attn_out, _, probs, _ = dec._attention(blk, blk.ln_1(x), sl, want)
-            if want:
-                sigma = torch.sqrt(x.to(fd).var(-1, unbiased=False) + blk.ln_1.eps)   # [B, N]
-                reads.append((probs, sigma))
-            x = x + blk.ls_1(attn_out)
-            if i == self.layer:
-                act = blk.mlp.gelu(blk.mlp.c_fc(blk.ln_2(x)))       # [B, N, width_mlp]
-                x = x + blk.ls_2(blk.mlp.c_proj(act))
-                act = act[..., self.neurons].to(fd)
-            else:
-                x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
-        with torch.autocast(x.device.type, enabled=False):
-            w = dec.readout_weights(x)                              # [B, n_pool]
-            out = torch.einsum("bt,btw->bw", w, x[:, sl].to(fd)) @ dec.P + dec.beta_proj
-            w = w / out.norm(dim=-1, keepdim=True)
-            e = torch.cat([torch.einsum("bt,bhti->bhi", w, p.to(fd)) / sig[:, None] for p, sig in reads], 1)
+        with torch.autocast(tr.w.device.type, enabled=False):
+            act = tr.acts[self.layer][..., self.neurons].to(fd)
+            e = torch.cat([tr.reads[l] for l in self.later], 1)     # [B, K, N]
             s = torch.einsum("bki,bin->bkn", e, act)
             u_read = (self.writes() @ dec.P).norm(dim=-1)           # [n]
-            direct = (torch.einsum("bt,btn->bn", w, act[:, sl])).abs() * u_read
+            direct = (torch.einsum("bt,btn->bn", tr.w, act[:, tr.pooled])).abs() * u_read
         return NeuronBatch(s=s, token_weights=e, act=act, direct=direct)
 
     def effects(self, s: torch.Tensor, neurons: torch.Tensor | None = None) -> torch.Tensor:
