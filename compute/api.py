@@ -9,6 +9,10 @@
     run.property_neighbours(12345, "color")       # nearest by a property's heads
     run.segment(image, "a red circle")            # heatmap over the patch grid
     run.contrast(image, "a circle", "a square")   # where the image speaks for A rather than B
+    run.which_heads(image, "a red circle")        # every head's map for the text, ranked by its share
+    run.describe(image)                           # the texts the image's head contributions express most
+    run.intervene("color")                        # zero-shot accuracy with a property's heads mean-ablated
+    run.class_scores(image, run.intervene([(5, 1)]))  # one image's class scores, as is and ablated
     run.neurons(4)                                # MLP neurons of layer 4 by second-order effect, with texts
     run.neuron(4, 333)                            # one neuron: its texts, top images, main head
     run.search_neurons("water")                   # neurons whose effect direction is closest to a text
@@ -150,6 +154,27 @@ class NeuronView:
 
 
 @dataclass
+class Intervention:
+    """Zero-shot classification of a run's labelled images with heads mean-ablated (`Run.intervene`)."""
+    heads: list[tuple[int, int]]
+    classes: list[str]                # the run's labels
+    prompts: list[str]
+    accuracy: "pd.DataFrame"          # label ("all images" first), images, base, ablated, change
+    image_ids: np.ndarray             # the labelled images, sorted
+    base: np.ndarray                  # [N, C] image . prompt
+    ablated: np.ndarray               # [N, C] the same with the heads at their mean
+    texts: np.ndarray                 # [C, D] prompt embeddings
+    head_means: np.ndarray            # [len(heads), C] each ablated head's mean score over the run's images
+
+
+@dataclass
+class Description:
+    """One image in words (`Run.describe`; maths/describe.py): texts ranked overall, and every (head, text) pair."""
+    texts: "pd.DataFrame"             # text, score, heads ("L.H" list, largest first), head_scores
+    pairs: "pd.DataFrame"             # layer, head, property, rank, text, score, share
+
+
+@dataclass
 class HeadView:
     """One head: its label, its TextSpan texts, and the stored images furthest along its first direction."""
     layer: int
@@ -256,12 +281,125 @@ class Run:
         return self._hits(self.store.property_top_k(self.info, property, query, k=k, exclude=image_id))
 
     # ---- live maps
-    def segment(self, image: ImageLike, text: str, heads: list[tuple[int, int]] | None = None) -> np.ndarray:
-        """Per patch, the direct contributions of `heads` (all heads of all layers when None) dotted with the
-        text's embedding: [grid_h, grid_w]."""
+    def segment(self, image: ImageLike, text: str, heads: list[tuple[int, int]] | None = None,
+                without: list[tuple[int, int]] | None = None) -> np.ndarray:
+        """Per patch, the direct contributions of `heads` (all heads of all layers when None), less those of
+        `without`, dotted with the text's embedding: [grid_h, grid_w]."""
         from .maths.segment import heatmap, token_maps
+        if without:
+            self._map_layers(without)
         maps = token_maps(self.model, self._pil(image), self._map_layers(heads))
-        return heatmap(maps, self.model.encode_texts([clean_text(text)])[0], heads)
+        return heatmap(maps, self.model.encode_texts([clean_text(text)])[0], heads, without)
+
+    def which_heads(self, image: ImageLike, text: str, k: int | None = None) -> list:
+        """Every head's map for the text, ranked by its share of the total (maths.segment.HeadShare), top k."""
+        from .maths.segment import token_maps, which_heads
+        maps = token_maps(self.model, self._pil(image), self._map_layers(None))
+        return which_heads(maps, self.model.encode_texts([clean_text(text)])[0], k)
+
+    # ---- describe and intervene
+    def describe(self, image: ImageLike, k: int = 10) -> Description:
+        """The texts the image's head contributions express most: each stored head's contribution, centred by
+        its mean over the run's images, projected on the head's TextSpan directions (maths/describe.py)."""
+        import pandas as pd
+
+        from .maths.describe import rank_texts, span_scores
+        picks = self.store.textspan_directions(self.info)
+        if not picks:
+            raise AtlasError(f"{self.info.name} has no TextSpan texts; `clip-atlas textspan RUN` writes them")
+        heads = sorted({(l, h) for l, h, *_ in picks})
+        contrib = self._head_contributions(image, heads)
+        scores = span_scores(contrib, {lh: self._head_mean(*lh) for lh in heads}, picks)
+        labels = {(l, h): p for l, h, p, _ in self.store.properties(self.info)}
+        pairs = pd.DataFrame([(s.layer, s.head, labels.get((s.layer, s.head)), s.rank, s.text, s.score, s.share)
+                              for s in sorted(scores, key=lambda s: -s.score)],
+                             columns=["layer", "head", "property", "rank", "text", "score", "share"])
+        texts = pd.DataFrame([(t.text, t.score, [f"{l}.{h}" for l, h, _ in t.heads], [p for *_, p in t.heads])
+                              for t in rank_texts(scores)[:k]], columns=["text", "score", "heads", "head_scores"])
+        return Description(texts, pairs)
+
+    def intervene(self, heads: str | Sequence[tuple[int, int]], template: str | None = None) -> Intervention:
+        """Zero-shot accuracy of the run's labelled images (classes: the run's labels in `template`) with `heads`
+        (a property's name, or (layer, head) pairs of stored layers) mean-ablated over the run's images. Read from
+        the store, no forward pass: see eval/ablation.py for why the scores are e . t - sum (c_h - mu_h) . t."""
+        import pandas as pd
+
+        from .eval.ablation import accuracy
+        from .eval.segmentation import default_template
+        heads = self._ablation_heads(heads)
+        template = template or default_template(self.model)
+        if "{}" not in template:
+            raise AtlasError(f"the prompt template {template!r} needs a {{}} where the label goes")
+        labelled = [(i, lab) for i, _, lab in self.store.gallery(self.info, limit=self.store.image_count(self.info))
+                    if lab is not None]
+        classes = sorted({lab for _, lab in labelled})
+        if len(classes) < 2:
+            raise AtlasError(f"{self.info.name} needs images with at least two labels (labels.csv or subfolders) "
+                             "for zero-shot accuracy")
+        prompts = [template.format(c) for c in classes]
+        T = self.model.encode_texts(prompts).double().cpu().numpy()
+        ids, E = self.store.embeddings(self.info)
+        want = np.isin(ids, [i for i, _ in labelled])
+        base = E.astype(np.float64) @ T.T
+        ablated, means = base.copy(), []
+        for l, h in heads:
+            hid, C = self.store.head_matrix(self.info, l, h)
+            if not np.array_equal(hid, ids):
+                raise AtlasError(f"{self.info.name}: head {l}.{h} holds other images than the run; is it complete?")
+            S = C.astype(np.float64) @ T.T
+            means.append(S.mean(0))                        # over every image of the run, labelled or not
+            ablated -= S - means[-1]
+        label_of = dict(labelled)
+        y = np.array([classes.index(label_of[int(i)]) for i in ids[want]])
+        b, a = accuracy(base[want], y, y, classes), accuracy(ablated[want], y, y, classes)
+        rows = [("all images", int(want.sum()), b["average"], a["average"])]
+        rows += [(c, int((y == k).sum()), b["groups"][c], a["groups"][c]) for k, c in enumerate(classes) if c in b["groups"]]
+        table = pd.DataFrame(rows, columns=["label", "images", "base", "ablated"])
+        table["change"] = table["ablated"] - table["base"]
+        return Intervention(heads, classes, prompts, table, ids[want], base[want], ablated[want], T,
+                            np.array(means).reshape(len(heads), len(classes)))
+
+    def class_scores(self, image: ImageLike, intervention: Intervention) -> "pd.DataFrame":
+        """One image's scores for the intervention's classes: class, base, ablated (image . prompt)."""
+        import pandas as pd
+        image_id, pil = self._resolve(image)
+        if image_id is not None and image_id in set(intervention.image_ids.tolist()):
+            row = int(np.searchsorted(intervention.image_ids, image_id))
+            base, ablated = intervention.base[row], intervention.ablated[row]
+        else:
+            layers = sorted({l for l, _ in intervention.heads})
+            d = decompose(self.model, [pil if pil is not None else self._pil(image_id)], layers=",".join(map(str, layers))
+                          if layers else "last1")
+            base = d.embedding[0].double().numpy() @ intervention.texts.T
+            ablated = base.copy()
+            for (l, h), mean in zip(intervention.heads, intervention.head_means):
+                ablated -= d.heads[0, layers.index(l), h].double().numpy() @ intervention.texts.T - mean
+        return pd.DataFrame({"class": intervention.classes, "base": base, "ablated": ablated})
+
+    def _ablation_heads(self, heads: str | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        if isinstance(heads, str):
+            found = self.store.heads_with_property(self.info, heads)
+            if not found:
+                known = sorted({p for *_, p, _ in self.store.properties(self.info)} - {"unlabelled"})
+                raise AtlasError(f"no head of {self.info.name} is labelled {heads!r} (labelled: {', '.join(known) or 'none'})")
+            return sorted(found)
+        out = sorted({(int(l), int(h)) for l, h in heads})
+        for l, h in out:
+            self._check_head(l, h)
+        return out
+
+    def _head_mean(self, layer: int, head: int) -> np.ndarray:
+        return self.store.head_matrix(self.info, layer, head)[1].astype(np.float64).mean(0)
+
+    def _head_contributions(self, image: ImageLike, heads: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+        """{(layer, head): [D]} for a stored image (from the store) or any other (decomposed live)."""
+        image_id, pil = self._resolve(image)
+        if image_id is not None:
+            stored = self.store.image_heads(self.info, image_id)
+            return {lh: stored[lh] for lh in heads}
+        layers = tuple(sorted({l for l, _ in heads}))
+        live = self._live_heads(pil, layers)
+        return {(l, h): live[layers.index(l), h] for l, h in heads}
 
     def contrast(self, image: ImageLike, text_a: str, text_b: str,
                  heads: list[tuple[int, int]] | None = None) -> np.ndarray:

@@ -24,6 +24,7 @@ _VECTOR_QUERIES = {
     "contribution": "SELECT image_id, contribution AS v FROM read_parquet(?)",
     "vector": "SELECT image_id, vector AS v FROM read_parquet(?)",
     "direction": "SELECT neuron AS image_id, direction AS v FROM read_parquet(?)",
+    "embedding": "SELECT image_id, embedding AS v FROM read_parquet(?)",
 }
 
 
@@ -173,6 +174,28 @@ class Store:
                 self._matrices.popitem(last=False)
         return entry
 
+    def head_matrix(self, run: RunInfo, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image_ids sorted, contributions [N, D]) of one head, cached."""
+        return self._sorted(self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"),
+                            "contribution")
+
+    def embeddings(self, run: RunInfo) -> tuple[np.ndarray, np.ndarray]:
+        """(image_ids sorted, L2-normalised image embeddings [N, D]), cached."""
+        return self._sorted(self._glob(run, "images", "*.parquet"), "embedding")
+
+    def _sorted(self, pattern: str, column: str) -> tuple[np.ndarray, np.ndarray]:
+        ids, M = self._matrix(pattern, column)
+        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
+            order = np.argsort(ids, kind="stable")
+            ids, M = ids[order], M[order]
+        return ids, M
+
+    def image_heads(self, run: RunInfo, image_id: int) -> dict[tuple[int, int], np.ndarray]:
+        """One stored image's contribution through every stored head, {(layer, head): [D]}, in one query."""
+        rows = self.sql("SELECT layer, head, contribution FROM read_parquet(?, hive_partitioning = true) "
+                        "WHERE image_id = ?", [self._glob(run, "heads", "*", "*", "*.parquet"), int(image_id)])
+        return {(int(l), int(h)): np.asarray(c, np.float32) for l, h, c in rows}
+
     def head_top_k(self, run: RunInfo, layer: int, head: int, query: np.ndarray, k: int = 8,
                    exclude: int | None = None) -> list[tuple[int, float]]:
         """Exact top-k images by dot product with one head's contributions: from the head's memory-mapped index
@@ -227,6 +250,14 @@ class Store:
         rows = self.sql("SELECT direction FROM read_parquet(?) WHERE layer = ? AND head = ? AND rank = ?",
                         [self._glob(run, "textspan.parquet"), layer, head, rank])
         return np.asarray(rows[0][0], np.float32) if rows else None
+
+    def textspan_directions(self, run: RunInfo) -> list[tuple[int, int, int, str, np.ndarray]]:
+        """(layer, head, rank, text, unit direction [D]) of every head's TextSpan picks, in rank order."""
+        if not run.has("textspan"):
+            return []
+        rows = self.sql("SELECT layer, head, rank, text, direction FROM read_parquet(?) ORDER BY layer, head, rank",
+                        [self._glob(run, "textspan.parquet")])
+        return [(l, h, r, t, np.asarray(d, np.float32)) for l, h, r, t, d in rows]
 
     def properties(self, run: RunInfo) -> list[tuple[int, int, str, float]]:
         if not run.has("properties"):

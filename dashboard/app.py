@@ -17,6 +17,8 @@ pages = {
         st.Page("views/property_search.py", title="Property search", icon=":material/category:"),
         st.Page("views/topic_segmentation.py", title="Topic segmentation", icon=":material/layers:"),
         st.Page("views/contrastive.py", title="Contrastive segmentation", icon=":material/compare:"),
+        st.Page("views/describe.py", title="Describe an image", icon=":material/description:"),
+        st.Page("views/intervene.py", title="Intervene", icon=":material/content_cut:"),
         st.Page("views/image_neighbours.py", title="Image neighbours", icon=":material/image_search:"),
         st.Page("views/text_neighbours.py", title="Text neighbours", icon=":material/manage_search:"),
         st.Page("views/neurons.py", title="Neurons", icon=":material/neurology:"),

@@ -89,3 +89,27 @@ def metric_bars(rows: pd.DataFrame) -> alt.Chart:
         tooltip=["metric", "run", alt.Tooltip("value:Q", format=".4f")],
     ).properties(width=220, height=alt.Step(16)).facet(facet=alt.Facet("metric:N", title=None), columns=3
     ).resolve_scale(x="independent")
+
+
+def paired_bars(df: pd.DataFrame, key: str, before: str, after: str, x_title: str, fmt: str = ".3f",
+                title: str = "") -> alt.Chart:
+    """One row per `key`, two bars each: the `before` and `after` columns (e.g. base and ablated), in row order."""
+    long = df[[key, before, after]].reset_index(drop=True).reset_index(names="order").melt(["order", key], var_name="condition",
+                                                                    value_name="value")
+    return alt.Chart(long, title=title).mark_bar().encode(
+        x=alt.X("value:Q", title=x_title, axis=alt.Axis(format=fmt)),
+        y=alt.Y(f"{key}:N", sort=alt.SortField("order"), title=None, axis=alt.Axis(labelLimit=320)),
+        yOffset=alt.YOffset("condition:N", sort=[before, after]),
+        color=alt.Color("condition:N", sort=[before, after], scale=alt.Scale(range=["#9aa5b1", "#c0392b"]),
+                        title=None, legend=alt.Legend(orient="top")),
+        tooltip=[key, "condition", alt.Tooltip("value:Q", format=fmt)])
+
+
+def text_scores(df: pd.DataFrame) -> alt.Chart:
+    """An image's description: text, score, heads (a text per row, largest score first)."""
+    df = df.assign(order=range(len(df)), behind=df["heads"].map(", ".join))
+    return alt.Chart(df).mark_bar().encode(
+        x=alt.X("score:Q", title="projection beyond the average image (embedding units)"),
+        y=alt.Y("text:N", sort=alt.SortField("order"), title=None, axis=alt.Axis(labelLimit=320)),
+        color=alt.condition("datum.score > 0", alt.value("#c0392b"), alt.value("#3b4cc0")),
+        tooltip=["text", alt.Tooltip("score:Q", format=".4f"), alt.Tooltip("behind:N", title="heads")])

@@ -42,6 +42,13 @@ def api_run(s: Store, run: RunInfo) -> api.Run:
     return api.Run(s, run, model_loader=live.model)
 
 
+@st.cache_data(max_entries=16, show_spinner="Scoring the run's images ...")
+def intervention(root: str, run_name: str, stamp: float, heads: tuple, template: str | None) -> api.Intervention:
+    """`Run.intervene`, cached per run (and its finish time), heads and template."""
+    s = store(root)
+    return api_run(s, s.run(run_name)).intervene(list(heads), template)
+
+
 def show_hits(s: Store, run: RunInfo, hits, score_name: str = "dot product", name: str = "results") -> None:
     """An API result table (image_id, score, cosine, ...) as an image grid, with a CSV download of the table."""
     image_grid(s, run, list(zip(hits["image_id"].tolist(), hits["score"].tolist(), hits["cosine"].tolist())),
@@ -222,12 +229,16 @@ def show_errors():
         st.error(f"Could not complete this: {type(e).__name__}: {str(e)[:200]}")
 
 
+def enlarged(image: Image.Image, px: int = DISPLAY_PX) -> Image.Image:
+    """Small images (the Shapes world is 64 px) enlarged to `px` on the long side without blurring."""
+    if max(image.size) >= px:
+        return image
+    scale = px / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST)
+
+
 def show_image(image: Image.Image, caption: str | None = None, px: int = DISPLAY_PX) -> None:
-    """Small images (the Shapes world is 64 px) are enlarged without blurring."""
-    if max(image.size) < px:
-        scale = px / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST)
-    st.image(image, caption=caption)
+    st.image(enlarged(image, px), caption=caption)
 
 
 def image_grid(s: Store, run: RunInfo, hits: list[tuple], cols: int = 4, score_name: str = "dot product") -> None:
@@ -270,15 +281,53 @@ def pick_map_heads(run: RunInfo) -> list[tuple[int, int]] | None:
     return [(l, h)]
 
 
-def show_heatmap(image: Image.Image, heat, vmin: float, vmax: float, caption: str) -> None:
-    from compute.maths.segment import overlay
+DEFAULT_OPACITY = 0.55
 
+
+def pick_opacity() -> float:
+    """The heatmaps' opacity over the image (sidebar slider, bound to ?alpha=)."""
+    wanted = min(max(param("alpha", DEFAULT_OPACITY, float), 0.0), 1.0)
+    alpha = st.sidebar.slider("Heatmap opacity", 0.0, 1.0, wanted, 0.05, key="alpha")
+    set_params(alpha=None if alpha == DEFAULT_OPACITY else alpha)
+    return alpha
+
+
+def show_scale(vmin: float, vmax: float) -> None:
+    """The colour legend in data units."""
     from .charts import colour_bar
-    shown = overlay(image, heat, vmin, vmax)
-    show_image(shown, caption)
     st.image(colour_bar(vmin, vmax), width=DISPLAY_PX)
     st.caption(f"blue {vmin:+.4f} · white 0 · red {vmax:+.4f}" if vmin < 0 < vmax else f"{vmin:+.4f} … {vmax:+.4f}")
+
+
+def show_heatmap(image: Image.Image, heat, vmin: float, vmax: float, caption: str,
+                 alpha: float = DEFAULT_OPACITY) -> None:
+    from compute.maths.segment import overlay
+    shown = overlay(image, heat, vmin, vmax, alpha)
+    show_image(shown, caption)
+    show_scale(vmin, vmax)
     buf = io.BytesIO()
     shown.save(buf, format="PNG")
     st.download_button("Download heatmap (PNG)", buf.getvalue(), f"{slug(caption)}.png", "image/png",
                        key=f"dl_png_{slug(caption)}", icon=":material/download:")
+
+
+def show_which_heads(image: Image.Image, shares: list, k: int, alpha: float, name: str) -> None:
+    """Small multiples of the first k head maps (maths.segment.HeadShare, ranked) on one shared scale, each
+    captioned with its share of the total, and a CSV of every head's score and share."""
+    import pandas as pd
+
+    from compute.maths.segment import overlay, symmetric_range
+    shown = shares[:k]
+    if not shown:
+        return
+    own = st.toggle("Each map on its own scale", key=f"own_{slug(name)}",
+                    help="Off: one colour scale for every map, so their strengths compare. On: each map's own "
+                         "range, so weak heads' patterns show; the caption gives it.")
+    ranges = [symmetric_range(h.heat) for h in shown] if own else [symmetric_range(*[h.heat for h in shown])] * len(shown)
+    st.image([enlarged(overlay(image, h.heat, lo, hi, alpha), 128) for h, (lo, hi) in zip(shown, ranges)],
+             caption=[f"L{h.layer} H{h.head} · {h.share:+.1%}" + (f" · ±{hi:.3g}" if own else "")
+                      for h, (_, hi) in zip(shown, ranges)], width=128)
+    if not own:
+        show_scale(*ranges[0])
+    download_csv(pd.DataFrame([(h.layer, h.head, h.score, h.share) for h in shares],
+                              columns=["layer", "head", "score", "share"]), name)

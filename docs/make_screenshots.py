@@ -21,8 +21,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "images"
+IMAGE = 8571488864101042969          # the demo store's first image (images/000000.png), a red triangle on sand
 SHOTS = {"compare.png": ("compare?runs=shapes-demo,shapes-spurious&prop=background", "Compare models", 2400),
-         "head.png": ("head?run=shapes-demo&layer=5&head=1", "Head", 2000)}
+         "head.png": ("head?run=shapes-demo&layer=5&head=1", "Head", 2000),
+         "intervene.png": (f"intervene?run=shapes-demo&ablate=color&image={IMAGE}", "Intervene", 2100),
+         "describe.png": (f"describe?run=shapes-demo&image={IMAGE}", "Describe an image", 1700),
+         "which_heads.png": (f"topic_segmentation?run=shapes-demo&text=a+red+triangle&image={IMAGE}", "Topic segmentation", 1500)}
 
 
 def main() -> None:
@@ -49,7 +53,7 @@ def main() -> None:
                 page = browser.new_page(viewport={"width": 1400, "height": height})
                 page.goto(f"{url}/{path}", wait_until="domcontentloaded")
                 page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=90_000)
-                page.locator("canvas.marks, svg.marks").first.wait_for(timeout=90_000)
+                page.locator("canvas.marks:visible, svg.marks:visible, [data-testid='stImage'] img:visible").first.wait_for(timeout=90_000)
                 time.sleep(4)
                 raw = OUT / f"raw-{name}"
                 page.screenshot(path=str(raw))

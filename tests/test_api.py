@@ -93,6 +93,85 @@ def test_decompose_sums_to_the_embedding(run):
     assert torch.allclose(d.embedding[0], d.embedding[1], atol=1e-6)
 
 
+def test_which_heads_split_the_map_and_without_leaves_heads_out(run):
+    from compute.maths.segment import heatmap, token_maps, which_heads
+    img = Image.open(run.images().file[3]).convert("RGB")
+    maps = token_maps(run.model, img)
+    t = run.model.encode_texts(["a blue square"])[0]
+    shares = which_heads(maps, t)
+    assert len(shares) == 6 * 8
+    assert np.allclose(sum(h.heat for h in shares), heatmap(maps, t), atol=1e-5)
+    assert np.isclose(sum(abs(h.share) for h in shares), 1.0)
+    assert all(a.share >= b.share for a, b in zip(shares, shares[1:]))
+    assert all(np.isclose(h.score, h.heat.sum(), rtol=1e-4, atol=1e-7) for h in shares)
+    top = [(h.layer, h.head) for h in shares[:3]]
+    assert [(h.layer, h.head) for h in run.which_heads(img, "a blue square", 3)] == top
+    assert np.allclose(run.segment(img, "a blue square", without=top), heatmap(maps, t) - heatmap(maps, t, top), atol=1e-5)
+
+
+def test_describe_projects_centred_contributions_on_the_textspan_directions(run, shapes_store):
+    """Against a plain reference that reads the heads with pyarrow (not the query layer's DuckDB)."""
+    import pyarrow.parquet as pq
+
+    from compute.heads import read_head
+    from compute.store import RunStore
+    store = RunStore(shapes_store)
+    first = run.images().iloc[7]
+    d = run.describe(int(first.image_id), k=5)
+    picks = pq.read_table(store.table_path("textspan")).to_pylist()
+    ref = {}
+    for r in picks:
+        ids, c = read_head(store, r["layer"], r["head"])
+        row = c[np.searchsorted(ids, first.image_id)].astype(np.float64) - c.astype(np.float64).mean(0)
+        ref[(r["layer"], r["head"], r["text"])] = row @ np.asarray(r["direction"], np.float64)
+    got = {(r.layer, r.head, r.text): r.score for r in d.pairs.itertuples()}
+    assert got.keys() == ref.keys() and all(np.isclose(got[k], ref[k], atol=1e-5) for k in ref)
+    assert d.pairs.score.is_monotonic_decreasing and len(d.texts) == 5 and d.texts.score.is_monotonic_decreasing
+    for t in d.texts.itertuples():       # a text's score adds its projections over the heads that picked it
+        assert np.isclose(t.score, sum(v for (l, h, x), v in ref.items() if x == t.text), atol=1e-5)
+        assert len(t.heads) == sum(1 for (l, h, x) in ref if x == t.text)
+    live = run.describe(Image.open(first.file), k=5)        # the same image, decomposed live
+    assert live.texts.text.tolist() == d.texts.text.tolist() and np.allclose(live.texts.score, d.texts.score, atol=1e-4)
+
+
+def test_span_scores_reconstruct_the_projection_on_the_span():
+    from compute.maths.describe import span_scores
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(16, 4)))
+    c, mu = rng.normal(size=16), rng.normal(size=16)
+    picks = [(0, 0, j, f"t{j}", q[:, j]) for j in range(4)]
+    scores = span_scores({(0, 0): c}, {(0, 0): mu}, picks)
+    proj = q @ q.T @ (c - mu)
+    assert np.allclose(sum(s.score * q[:, s.rank] for s in scores), proj)
+    assert np.isclose(sum(s.share for s in scores), proj @ proj / ((c - mu) @ (c - mu)))
+
+
+def test_intervene_matches_the_live_ablation_experiment(run, shapes_store):
+    """The store-read intervention equals eval/ablation's path: a live forward over the same images."""
+    from compute.eval.ablation import GroupedSet, ablated_scores, head_scores
+    heads = [(4, 2), (5, 1), (5, 6)]
+    iv = run.intervene(heads)
+    assert iv.prompts[0] == f"a {iv.classes[0]}"                # the Shapes template, as `eval segmentation` uses
+    imgs = run.images().sort_values("image_id")
+    data = GroupedSet([Path(f) for f in imgs.file], np.array([iv.classes.index(l) for l in imgs.label]),
+                      np.zeros(len(imgs), int), iv.classes, iv.prompts, ["all"])
+    hs = head_scores(run.model, data, [4, 5], progress=False)
+    assert iv.image_ids.tolist() == imgs.image_id.tolist()
+    assert np.allclose(iv.base, hs.base, atol=1e-4)
+    assert np.allclose(iv.ablated, ablated_scores(hs, heads, hs.heads.mean(0)), atol=1e-4)
+    acc = iv.accuracy.set_index("label")
+    assert acc.loc["all images", "images"] == len(imgs)
+    assert np.isclose(acc.loc["all images", "ablated"], (iv.ablated.argmax(1) == data.labels).mean())
+    assert np.allclose(acc["change"], acc["ablated"] - acc["base"])
+    none = run.intervene([])
+    assert np.array_equal(none.base, none.ablated) and (none.accuracy.change == 0).all()
+    prop = run.intervene("background")
+    assert prop.heads == sorted(run.store.heads_with_property(run.info, "background"))
+    stored = run.class_scores(int(imgs.image_id.iloc[4]), iv)
+    live = run.class_scores(Image.open(imgs.file.iloc[4]), iv)
+    assert np.allclose(stored[["base", "ablated"]], live[["base", "ablated"]], atol=1e-4)
+
+
 def test_errors_are_one_line(run, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"no image here")
@@ -108,6 +187,10 @@ def test_errors_are_one_line(run, tmp_path):
         (lambda: run.segment(run.images().path[0], "x", [(9, 0)]), "outside a model"),
         (lambda: api.load("ViT-Q-99"), "unknown model"),
         (lambda: api.decompose(run.model, []), "no images"),
+        (lambda: run.intervene("smell"), "no head of shapes-demo is labelled 'smell'"),
+        (lambda: run.intervene([(0, 1)]), "layer 0 is not stored"),
+        (lambda: run.intervene([(5, 1)], template="a photo"), "needs a {}"),
+        (lambda: run.segment(run.images().path[0], "x", without=[(7, 0)]), "outside a model"),
     ]
     for call, message in cases:
         with pytest.raises(AtlasError, match=re.escape(message)) as e:

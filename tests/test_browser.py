@@ -19,9 +19,10 @@ SHOTS = ROOT / "screenshots"
 # url path -> (title, images the page must show once its script has run)
 # the first visit goes to a page URL, not to "/": st.navigation must be in charge from the first request
 PAGES = {"atlas": ("Head atlas", 0), "": ("Leaderboard", 0), "property_search": ("Property search", 2),
-         "topic_segmentation": ("Topic segmentation", 3), "contrastive": ("Contrastive segmentation", 5),
+         "topic_segmentation": ("Topic segmentation", 3 + 8), "contrastive": ("Contrastive segmentation", 5 + 8),
          "image_neighbours": ("Image neighbours", 2), "text_neighbours": ("Text neighbours", 1),
-         "head?layer=5&head=1": ("Head", 26), "neurons": ("Neurons", 11), "compare": ("Compare models", 0)}
+         "head?layer=5&head=1": ("Head", 26), "neurons": ("Neurons", 11), "compare": ("Compare models", 0),
+         "describe": ("Describe an image", 13), "intervene?ablate=5.1,4.2": ("Intervene", 17)}
 #: a page's first drawn image or chart must come within this many seconds (p50 of 3 visits, model warm)
 FIRST_PAINT_LIMIT_S = 5.0
 TIMINGS = ROOT / "screenshots" / "timings.json"
@@ -81,7 +82,7 @@ def test_every_page_in_chromium(server):
             page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=60_000)
             if images:  # live work (model load, token maps) finishes when the images are there
                 page.locator('[data-testid="stImage"]').nth(images - 1).wait_for(timeout=90_000)
-            if path in ("", "atlas", "compare"):
+            if path.split("?")[0] in ("", "atlas", "compare", "describe", "intervene"):
                 # Altair charts only render in a browser: wait for Vega's drawn marks
                 page.locator("canvas.marks, svg.marks").first.wait_for(timeout=60_000)
             time.sleep(1.5)

@@ -12,7 +12,8 @@ from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "dashboard" / "app.py")
 PAGES = ["views/leaderboard.py", "views/atlas.py", "views/property_search.py", "views/topic_segmentation.py",
-         "views/contrastive.py", "views/image_neighbours.py", "views/text_neighbours.py", "views/neurons.py", "views/head.py", "views/compare.py"]
+         "views/contrastive.py", "views/image_neighbours.py", "views/text_neighbours.py", "views/neurons.py", "views/head.py", "views/compare.py",
+         "views/describe.py", "views/intervene.py"]
 
 
 def with_metrics(shapes_run) -> Path:
@@ -153,6 +154,59 @@ def test_topic_and_contrastive_segmentation(store):
     assert len(at.get("image")) >= 3          # image, overlay, colour bar
     at = app(store, "views/contrastive.py", a="a circle", b="a square")
     assert not at.exception and len(at.get("image")) >= 5
+
+
+def multiples(at) -> list[str]:
+    """The captions of the page's small multiples (one st.image element holding several images)."""
+    return [x.caption for i in at.get("image") if len(i.proto.imgs) > 1 for x in i.proto.imgs]
+
+
+def test_segmentation_pages_rank_heads_and_take_an_opacity(store):
+    at = app(store, "views/topic_segmentation.py", text="a blue square", alpha=0.3)
+    assert not at.exception and at.sidebar.slider(key="alpha").value == 0.3
+    caps = multiples(at)
+    assert len(caps) == 8 and all(c.startswith("L") and c.endswith("%") for c in caps)
+    shares = [float(c.split("·")[1].strip(" %")) for c in caps]
+    assert shares == sorted(shares, reverse=True)
+    at.slider(key="which_k").set_value(3).run()
+    assert len(multiples(at)) == 3
+    at.toggle[0].set_value(True).run()
+    assert all("±" in c for c in multiples(at))
+    at.sidebar.slider(key="alpha").set_value(0.8).run()
+    assert at.query_params["alpha"] == "0.8"
+    assert any(b.label.startswith("Download head shares") for b in at.get("download_button"))
+    at = app(store, "views/contrastive.py", a="a circle", b="a square")
+    assert not at.exception and len(multiples(at)) == 8
+    assert any("rather than" in h.value for h in at.subheader)
+
+
+def test_describe_page(store):
+    at = app(store, "views/describe.py", k=5)
+    assert not at.exception and at.slider(key="dk").value == 5
+    assert len(at.get("arrow_vega_lite_chart")) == 1 or len(at.get("vega_lite_chart")) == 1
+    bold = [m.value for m in at.markdown if m.value.startswith("**")]
+    assert len(bold) == 3                       # the first three texts, each with the heads behind it
+    assert at.dataframe[0].value.score.is_monotonic_decreasing
+    labels = [b.label for b in at.get("download_button")]
+    assert "Download description (CSV)" in labels and "Download every head and text (CSV)" in labels
+
+
+def test_intervene_page_heads_and_property(store):
+    at = app(store, "views/intervene.py", ablate="5.1,4.2")
+    assert not at.exception, at.exception
+    assert at.radio(key="imode").value == "Chosen heads" and at.multiselect(key="iheads").value == ["5.1", "4.2"]
+    names = [m.label for m in at.metric]
+    assert names[0] == "zero-shot accuracy, as is" and names[1] == "with 2 heads mean-ablated"
+    assert at.metric[0].value.endswith("%") and at.metric[1].value.endswith("%")
+    assert any(m.value.startswith("Predicted **") for m in at.markdown)
+    captions = [x.caption for i in at.get("image") for x in i.proto.imgs]
+    assert any(c.endswith(", as is") for c in captions) and any(c.endswith("heads ablated") for c in captions)
+    assert at.text_input(key="itpl").value == "a {}"             # the Shapes template
+    at.multiselect(key="iheads").set_value([]).run()
+    assert not at.exception and any("Pick heads" in i.value for i in at.info)
+    assert at.metric[1].value == at.metric[0].value
+    at.text_input(key="itpl").set_value("no placeholder").run()
+    assert any("needs a {}" in e.value for e in at.error)
 
 
 def test_property_search(store):

@@ -132,6 +132,8 @@ SMALL_LABELLED = 0.60           # share of specialised heads that get any label
 SMALL_P4_LIFT = 0.20            # property search beats chance
 SMALL_STABILITY = 0.50          # TextSpan's top-5 picks shared by two halves of the images
 SEGMENTATION_MARGIN = 0.15      # mIoU above the same maps with their patches shuffled
+DESCRIBE_MARGIN = 0.10          # an image's first 3 description texts are true of it this much above their base rate
+                                # (fixed before any description figure was looked at)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +150,7 @@ def test_small_validation_on_fresh_seeds(small_validation):
     assert s["property_p4_lift"]["mean"] >= SMALL_P4_LIFT
     assert s["textspan_stability"]["mean"] >= SMALL_STABILITY
     assert s["segmentation_miou"]["mean"] >= s["segmentation_miou_shuffled"]["mean"] + SEGMENTATION_MARGIN
+    assert s["describe_precision_at_3"]["min"] >= s["describe_chance_at_3"]["mean"] + DESCRIBE_MARGIN
 
 
 def test_validation_writes_its_report(small_validation, tmp_path_factory):

@@ -37,14 +37,48 @@ def select(maps: TokenMaps, heads: list[tuple[int, int]] | None) -> torch.Tensor
     return sum(maps.tokens[idx[l], h] for l, h in heads)
 
 
-def heatmap(maps: TokenMaps, text: torch.Tensor | np.ndarray, heads: list[tuple[int, int]] | None = None) -> np.ndarray:
-    """Per patch, the selected contributions dotted with a text embedding: [gh, gw] float."""
-    t = torch.as_tensor(text, dtype=maps.tokens.dtype, device=maps.tokens.device).reshape(-1)
-    scores = select(maps, heads)[1:] @ t       # drop the class token: it has no place in the image
+def _text(maps: TokenMaps, text: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(text, dtype=maps.tokens.dtype, device=maps.tokens.device).reshape(-1)
+
+
+def _grid(maps: TokenMaps, scores: torch.Tensor) -> np.ndarray:
+    """[..., N-1] patch scores -> [..., gh, gw] float numpy."""
     n = maps.grid[0] * maps.grid[1]
-    if scores.shape[0] != n:
-        raise ValueError(f"expected {n} patch tokens, got {scores.shape[0]}")
-    return scores.reshape(maps.grid).float().cpu().numpy()
+    if scores.shape[-1] != n:
+        raise ValueError(f"expected {n} patch tokens, got {scores.shape[-1]}")
+    return scores.reshape(*scores.shape[:-1], *maps.grid).float().cpu().numpy()
+
+
+def heatmap(maps: TokenMaps, text: torch.Tensor | np.ndarray, heads: list[tuple[int, int]] | None = None,
+            without: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """Per patch, the selected contributions dotted with a text embedding: [gh, gw] float. `without` leaves
+    heads out of the selection (the map of a model whose heads are ablated)."""
+    t = _text(maps, text)
+    tokens = select(maps, heads)
+    if without:
+        tokens = tokens - select(maps, without)
+    return _grid(maps, tokens[1:] @ t)         # drop the class token: it has no place in the image
+
+
+@dataclass
+class HeadShare:
+    """One head's map for a text and its share of the total: `score` is the map's sum over patches (the head's
+    patch tokens' part of image . text) and `share` = score / sum over heads of |score|."""
+    layer: int
+    head: int
+    score: float
+    share: float
+    heat: np.ndarray
+
+
+def which_heads(maps: TokenMaps, text: torch.Tensor | np.ndarray, k: int | None = None) -> list[HeadShare]:
+    """Every head's map for a text, ranked by its share of the total, largest first ("which head sees it")."""
+    per = _grid(maps, maps.tokens[:, :, 1:] @ _text(maps, text))          # [L_t, H, gh, gw]
+    scores = per.reshape(*per.shape[:2], -1).astype(np.float64).sum(-1)
+    total = float(np.abs(scores).sum()) or 1.0
+    order = np.argsort(-scores, axis=None, kind="stable")[:k]
+    return [HeadShare(maps.layers[li], int(h), float(scores[li, h]), float(scores[li, h] / total), per[li, h])
+            for li, h in zip(*np.unravel_index(order, scores.shape))]
 
 
 def contrastive(maps: TokenMaps, text_a: torch.Tensor, text_b: torch.Tensor,

@@ -180,6 +180,9 @@ def evaluate_run(run: str, progress: bool = True) -> dict:
     summary["segmentation_miou_shuffled"] = float(np.mean(seg.column("iou_shuffled").to_numpy())) if seg.num_rows else float("nan")
     if store.table_path("properties").is_file():
         summary.update(label_agreement(rows, store))
+    if store.table_path("textspan").is_file():
+        from .describe import evaluate_descriptions
+        summary.update(evaluate_descriptions(run))
     if any((store.root / "neurons").glob("layer=*.parquet")):
         from .neurons import evaluate_neurons
         table, neurons = evaluate_neurons(run)

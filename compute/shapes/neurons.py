@@ -56,22 +56,31 @@ def scene_has(scene: dict, attribute: str, value: str) -> bool:
     return any(scene.get(f"obj{o + 1}_{attribute}") == value for o in range(scene["n_objects"]))
 
 
+def scenes_by_id(store: RunStore) -> dict[int, dict | None]:
+    """image_id -> its scene row (None for an image that is not a Shapes scene), in image_id order."""
+    from ..heads import read_images
+    scenes, _ = load_scenes(store.manifest()["images_root"])
+    by_path = {s["path"]: s for s in scenes}
+    images = read_images(store, columns=["image_id", "path"])
+    return {int(i): by_path.get(p) for i, p in zip(images.column("image_id").to_numpy(), images.column("path").to_pylist())}
+
+
+def shapes_tags() -> dict[str, str | None]:
+    """Each Shapes pool text -> the attribute it is tagged with."""
+    from ..texts import load_pool
+    pool = load_pool("shapes")
+    return {t: (tg[0] if tg else None) for t, tg in zip(pool.texts, pool.tags)}
+
+
 def evaluate_neurons(run: str, k: int = 8) -> tuple[pa.Table, dict]:
     """(one row per clearly described neuron, summary) for a Shapes run with neuron tables; writes neither."""
-    from ..heads import read_images
-    from ..texts import load_pool
     store = RunStore(run)
     man = store.manifest()
     files = sorted((store.root / "neurons").glob("layer=*.parquet"))
     if not files:
         raise AtlasError(f"{run} has no neuron tables; run `clip-atlas neurons {run}` first")
-    pool = load_pool("shapes")
-    tags = {t: (tg[0] if tg else None) for t, tg in zip(pool.texts, pool.tags)}
-    scenes, _ = load_scenes(man["images_root"])
-    by_path = {s["path"]: s for s in scenes}
-    images = read_images(store, columns=["image_id", "path"])
-    scene_of = {int(i): by_path.get(p) for i, p in zip(images.column("image_id").to_numpy(),
-                                                        images.column("path").to_pylist())}
+    tags = shapes_tags()
+    scene_of = scenes_by_id(store)
     used = man.get("neurons", {}).get("settings", {}).get("images") or len(scene_of)
     evaluated = [s for i, s in sorted(scene_of.items())[:used] if s is not None]
     if not evaluated:

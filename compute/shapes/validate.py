@@ -10,7 +10,9 @@ Per seed (scenes the model never saw): generate, compute, textspan, label, shape
   one-object scene against every other's, dot product) for neighbours sharing the query's value of
   that attribute; lift as for heads ((p - chance) / (1 - chance)); absent where no head got the label;
 - segmentation_miou and segmentation_miou_shuffled (the same maps with their patches shuffled);
-- textspan_stability: mean share of top-5 TextSpan picks shared by two halves of the images.
+- textspan_stability: mean share of top-5 TextSpan picks shared by two halves of the images;
+- describe_precision_at_3 / describe_chance_at_3: how often the first 3 texts of an image's description
+  (`Run.describe`) are true of the scene, and the same texts' base rate (shapes/describe.py).
 Then mean, standard deviation and minimum over seeds. Seeds: VALIDATION_SEEDS (101, 102, ...);
 training used seed 0, the demo seed 0, the tuning of defaults seeds 11-13 (docs/labels.md).
 """
@@ -67,6 +69,7 @@ def score_run(run: Path) -> dict[str, float]:
         "segmentation_miou": summary["segmentation_miou"],
         "segmentation_miou_shuffled": summary["segmentation_miou_shuffled"],
         "textspan_stability": float(stab.mean()),
+        **{k: summary[k] for k in ("describe_precision_at_3", "describe_chance_at_3") if k in summary},
     }
     lifts = []
     for a, p in p4.items():

@@ -1,16 +1,18 @@
-"""Text A against text B on one image: the two difference maps on one shared scale."""
+"""Text A against text B on one image: the two difference maps on one shared scale, and the heads behind them."""
 import streamlit as st
 
 from compute.api import clean_text
-from compute.maths.segment import contrastive, symmetric_range
+from compute.maths.segment import contrastive, symmetric_range, which_heads
 
 from dashboard import live
-from dashboard.common import start_page, param, pick_image, pick_map_heads, set_params, show_errors, show_heatmap, show_image
+from dashboard.common import (start_page, param, pick_image, pick_map_heads, pick_opacity, set_params, show_errors,
+                              show_heatmap, show_image, show_which_heads)
 
 s, run = start_page("Contrastive segmentation")
 with show_errors():
     spec = run.manifest["model"]
     heads = pick_map_heads(run)
+    alpha = pick_opacity()
     c1, c2 = st.columns(2)
     text_a = c1.text_input("Text A", value=param("a", "a circle"), key="text_a")
     text_b = c2.text_input("Text B", value=param("b", "a square"), key="text_b")
@@ -19,12 +21,17 @@ with show_errors():
     if img is not None:
         text_a, text_b = clean_text(text_a), clean_text(text_b)
         maps = live.image_token_maps(spec, img.image)
-        a_minus_b, b_minus_a = contrastive(maps, live.text_embedding(spec, text_a), live.text_embedding(spec, text_b), heads)
+        t_a, t_b = live.text_embedding(spec, text_a), live.text_embedding(spec, text_b)
+        a_minus_b, b_minus_a = contrastive(maps, t_a, t_b, heads)
         vmin, vmax = symmetric_range(a_minus_b, b_minus_a)
         cols = st.columns(3)
         with cols[0]:
             show_image(img.image, img.caption)
         with cols[1]:
-            show_heatmap(img.image, a_minus_b, vmin, vmax, f"“{text_a}” − “{text_b}”")
+            show_heatmap(img.image, a_minus_b, vmin, vmax, f"“{text_a}” − “{text_b}”", alpha)
         with cols[2]:
-            show_heatmap(img.image, b_minus_a, vmin, vmax, f"“{text_b}” − “{text_a}”")
+            show_heatmap(img.image, b_minus_a, vmin, vmax, f"“{text_b}” − “{text_a}”", alpha)
+        st.subheader(f"Which head sees “{text_a}” rather than “{text_b}”")
+        n = len(maps.layers) * run.manifest["heads"]
+        k = st.slider("Heads shown", 1, n, min(8, n), key="which_k")
+        show_which_heads(img.image, which_heads(maps, t_a - t_b), k, alpha, f"head shares for {text_a} vs {text_b}")

@@ -4,7 +4,7 @@ import streamlit as st
 from compute.maths.segment import symmetric_range
 
 from dashboard import charts
-from dashboard.common import (api_run, download_csv, param, pick_head, pick_image, set_params, show_errors, show_heatmap, show_hits,
+from dashboard.common import (api_run, download_csv, param, pick_head, pick_image, pick_opacity, set_params, show_errors, show_heatmap, show_hits,
                               show_image, start_page)
 
 s, run = start_page("Head")
@@ -44,7 +44,7 @@ with show_errors():
         c1, c2 = st.columns([1, 2])
         with c1:
             heat = api.segment(img.image, text, heads=[(layer, head)])
-            show_heatmap(img.image, heat, *symmetric_range(heat), f"“{text}” through L{layer}.H{head}")
+            show_heatmap(img.image, heat, *symmetric_range(heat), f"“{text}” through L{layer}.H{head}", pick_opacity())
         with c2:
             target = img.image_id if img.image_id is not None else img.image
             st.markdown("Its nearest stored images through this head")

@@ -4,7 +4,7 @@ import streamlit as st
 from compute.maths.segment import symmetric_range
 
 from dashboard import charts
-from dashboard.common import (api_run, download_csv, param, pick_image, set_params, show_errors, show_heatmap, show_hits, show_image,
+from dashboard.common import (api_run, download_csv, param, pick_image, pick_opacity, set_params, show_errors, show_heatmap, show_hits, show_image,
                               start_page)
 
 ORDERS = {"mean_norm": "mean effect", "max_norm": "largest effect", "direction_share": "one-direction share",
@@ -80,4 +80,4 @@ with show_errors():
             heat = api.neuron_map(img.image, layer, neuron, text=text or None)
             show_image(img.image, img.caption)
             what = f"“{text.strip()}”" if text.strip() else "its principal direction"
-            show_heatmap(img.image, heat, *symmetric_range(heat), f"neuron {neuron}, projected on {what}")
+            show_heatmap(img.image, heat, *symmetric_range(heat), f"neuron {neuron}, projected on {what}", pick_opacity())

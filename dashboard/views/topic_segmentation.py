@@ -1,25 +1,35 @@
-"""Where in the image does one head (or all) write the direction of a text?"""
+"""Where in the image does one head (or all) write the direction of a text, and which heads see it most?"""
 import streamlit as st
 
 from compute.api import clean_text
-from compute.maths.segment import heatmap, symmetric_range
+from compute.maths.segment import heatmap, symmetric_range, which_heads
 
 from dashboard import live
-from dashboard.common import start_page, param, pick_image, pick_map_heads, set_params, show_errors, show_heatmap, show_image
+from dashboard.common import (start_page, param, pick_image, pick_map_heads, pick_opacity, set_params, show_errors,
+                              show_heatmap, show_image, show_which_heads)
 
 s, run = start_page("Topic segmentation")
 with show_errors():
     spec = run.manifest["model"]
     heads = pick_map_heads(run)
+    alpha = pick_opacity()
     text = st.text_input("Text", value=param("text", "a red circle"), key="topic_text")
     set_params(text=text or None)
     img = pick_image(s, run)
     if img is not None:
         text = clean_text(text)
         maps = live.image_token_maps(spec, img.image)
-        heat = heatmap(maps, live.text_embedding(spec, text), heads)
+        t = live.text_embedding(spec, text)
+        heat = heatmap(maps, t, heads)
         c1, c2 = st.columns(2)
         with c1:
             show_image(img.image, img.caption)
         with c2:
-            show_heatmap(img.image, heat, *symmetric_range(heat), f"“{text}”, {'all heads' if heads is None else f'layer {heads[0][0]} head {heads[0][1]}'}")
+            show_heatmap(img.image, heat, *symmetric_range(heat),
+                         f"“{text}”, {'all heads' if heads is None else f'layer {heads[0][0]} head {heads[0][1]}'}", alpha)
+        st.subheader("Which head sees it")
+        k = st.slider("Heads shown", 1, len(maps.layers) * run.manifest["heads"], min(8, len(maps.layers) * run.manifest["heads"]),
+                      key="which_k")
+        st.caption(f"Every head's map for “{text}”, ranked by its share of the total: the head's sum over patches "
+                   "divided by the sum of all heads' absolute sums.")
+        show_which_heads(img.image, which_heads(maps, t), k, alpha, f"head shares for {text}")

@@ -1,0 +1,57 @@
+"""Image descriptions against Shapes ground truth: are the texts `Run.describe` ranks first true of the image?
+
+For each evaluated scene (the first `n_images` by image_id), its description (maths/describe.py: each head's
+centred contribution projected on the head's TextSpan directions, texts ranked by the sum over heads) is
+cut to its first k texts that name an attribute value ("a red object" -> color = red). precision@k is the
+share of those texts whose value the scene has (on any object, or as its background); chance is, for the
+same texts, the share of all evaluated scenes that have their value: what they would score on a random
+image. Both are averaged over the scenes. The description has no setting to tune, and the margin the tests
+ask for was fixed before any figure was looked at.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import AtlasError
+from ..maths.describe import rank_texts, span_scores
+from ..store import RunStore
+from .neurons import scene_has, scenes_by_id, shapes_tags, text_value
+
+K = 3
+N_IMAGES = 300
+
+
+def evaluate_descriptions(run: str, k: int = K, n_images: int = N_IMAGES) -> dict[str, float]:
+    """{describe_precision_at_k, describe_chance_at_k, describe_images} for a Shapes run with TextSpan."""
+    from ..query import Store
+    store = RunStore(run)
+    s = Store(store.root.parent)
+    info = s.run(store.root.name)
+    picks = s.textspan_directions(info)
+    if not picks:
+        raise AtlasError(f"{run} has no TextSpan texts; run `clip-atlas textspan {run}` first")
+    heads = sorted({(l, h) for l, h, *_ in picks})
+    matrices = {lh: s.head_matrix(info, *lh) for lh in heads}
+    means = {lh: m.astype(np.float64).mean(0) for lh, (_, m) in matrices.items()}
+    ids = matrices[heads[0]][0]
+    scene_of = scenes_by_id(store)
+    rows = [r for r, i in enumerate(ids) if scene_of.get(int(i)) is not None][:n_images]
+    if not rows:
+        raise AtlasError(f"{run}: its images are not Shapes scenes (no scenes.parquet rows)")
+    scenes = [scene_of[int(ids[r])] for r in rows]
+    tags = shapes_tags()
+    base_rate: dict[tuple[str, str], float] = {}
+    precision, chance = [], []
+    for r, scene in zip(rows, scenes):
+        ranked = rank_texts(span_scores({lh: m[r] for lh, (_, m) in matrices.items()}, means, picks))
+        values = [v for v in (text_value(t.text, tags.get(t.text)) for t in ranked) if v is not None][:k]
+        if not values:
+            continue
+        for v in values:
+            if v not in base_rate:
+                base_rate[v] = float(np.mean([scene_has(x, *v) for x in scenes]))
+        precision.append(np.mean([scene_has(scene, *v) for v in values]))
+        chance.append(np.mean([base_rate[v] for v in values]))
+    return {f"describe_precision_at_{k}": float(np.mean(precision)) if precision else float("nan"),
+            f"describe_chance_at_{k}": float(np.mean(chance)) if chance else float("nan"),
+            "describe_images": float(len(precision))}

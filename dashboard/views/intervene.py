@@ -1,0 +1,83 @@
+"""Mean-ablate heads (or a property's heads) and see what changes: zero-shot accuracy, an image's class scores,
+its segmentation."""
+import streamlit as st
+
+from compute.eval.segmentation import default_template
+from compute.maths.segment import heatmap, symmetric_range
+
+from dashboard import charts, live
+from dashboard.common import (api_run, download_csv, intervention, param, pick_image, pick_opacity, set_params,
+                              show_errors, show_heatmap, show_image, start_page)
+
+MAX_LABELS = 16      # labels charted (the largest changes); the CSV has them all
+
+s, run = start_page("Intervene")
+api = api_run(s, run)
+with show_errors():
+    props = sorted({p for _, _, p, _ in s.properties(run)} - {"unlabelled"})
+    all_heads = [f"{l}.{h}" for l in run.manifest["head_layers"] for h in range(run.manifest["heads"])]
+    wanted = param("ablate", props[0] if props else "")
+    modes = (["A property's heads"] if props else []) + ["Chosen heads"]
+    mode = st.radio("Ablate", modes, horizontal=True, key="imode",
+                    index=0 if wanted in props or len(modes) == 1 else 1)
+    if mode == "A property's heads":
+        prop = st.selectbox("Property", props, index=props.index(wanted) if wanted in props else 0, key="iprop")
+        heads = sorted(s.heads_with_property(run, prop))
+        set_params(ablate=prop)
+        st.caption(f"{len(heads)} heads labelled {prop}: " + ", ".join(f"L{l}.H{h}" for l, h in heads))
+    else:
+        default = [x for x in wanted.split(",") if x in all_heads]
+        chosen = st.multiselect("Heads (layer.head; the run's stored layers)", all_heads, default=default, key="iheads")
+        heads = [tuple(int(x) for x in c.split(".")) for c in chosen]
+        set_params(ablate=",".join(chosen) or None)
+    template = st.text_input("Class prompt ({} is the label)", value=param("tpl", default_template(api.model)),
+                             key="itpl")
+    set_params(tpl=template if template != default_template(api.model) else None)
+    iv = intervention(str(s.root), run.name, run.manifest.get("finished_at", 0.0), tuple(heads), template)
+    if not heads:
+        st.info("Pick heads to mean-ablate: below is the model as it is.")
+    overall = iv.accuracy.iloc[0]
+    m1, m2, m3 = st.columns(3)
+    m1.metric("zero-shot accuracy, as is", f"{overall['base']:.1%}", help=f"{overall['images']} labelled images, "
+              f"{len(iv.classes)} classes")
+    m2.metric(f"with {len(heads)} heads mean-ablated", f"{overall['ablated']:.1%}", f"{overall['change']:+.1%}")
+    per_label = iv.accuracy.iloc[1:]
+    moved = per_label[per_label["change"] != 0].sort_values("change", key=abs, ascending=False)
+    if moved.empty:
+        m3.metric("labels whose accuracy changes", "none")
+    else:
+        m3.metric("largest change", moved["label"].iloc[0], f"{moved['change'].iloc[0]:+.1%}")
+    shown = (moved if len(moved) else per_label).head(MAX_LABELS)
+    st.altair_chart(charts.paired_bars(shown, "label", "base", "ablated", "accuracy", ".0%",
+                                       f"Accuracy per label: {len(shown)} of {len(per_label)}, largest change first"),
+                    width="stretch")
+    download_csv(iv.accuracy, "accuracy per label")
+
+    st.divider()
+    st.subheader("One image")
+    img = pick_image(s, run, key="iimg")
+    if img is not None:
+        scores = api.class_scores(img.image_id if img.image_id is not None else img.image, iv)
+        before, after = scores["class"][scores["base"].idxmax()], scores["class"][scores["ablated"].idxmax()]
+        top = scores.assign(m=scores[["base", "ablated"]].max(axis=1)).nlargest(8, "m").drop(columns="m")
+        c1, c2 = st.columns([1, 2])
+        with c1:
+            show_image(img.image, img.caption)
+            st.markdown(f"Predicted **{before}** as is, **{after}** ablated.")
+        with c2:
+            st.altair_chart(charts.paired_bars(top, "class", "base", "ablated", "image · prompt",
+                                               title="Its class scores (top 8)"), width="stretch")
+        download_csv(scores, "class scores")
+        classes = list(iv.classes)
+        cls = st.selectbox("Segment for", classes, index=classes.index(before), key="icls")
+        maps = live.image_token_maps(run.manifest["model"], img.image)
+        t = live.text_embedding(run.manifest["model"], template.format(cls))
+        whole, ablated = heatmap(maps, t), heatmap(maps, t, without=heads)
+        vmin, vmax = symmetric_range(whole, ablated)
+        alpha = pick_opacity()
+        a, b = st.columns(2)
+        with a:
+            show_heatmap(img.image, whole, vmin, vmax, f"“{template.format(cls)}”, as is", alpha)
+        with b:
+            show_heatmap(img.image, ablated, vmin, vmax, f"“{template.format(cls)}”, heads ablated", alpha)
+        st.caption("The ablated map leaves the heads' token maps out: a head's mean contribution belongs to no patch.")
