@@ -324,10 +324,30 @@ def show_which_heads(image: Image.Image, shares: list, k: int, alpha: float, nam
                     help="Off: one colour scale for every map, so their strengths compare. On: each map's own "
                          "range, so weak heads' patterns show; the caption gives it.")
     ranges = [symmetric_range(h.heat) for h in shown] if own else [symmetric_range(*[h.heat for h in shown])] * len(shown)
-    st.image([enlarged(overlay(image, h.heat, lo, hi, alpha), 128) for h, (lo, hi) in zip(shown, ranges)],
-             caption=[f"L{h.layer} H{h.head} · {h.share:+.1%}" + (f" · ±{hi:.3g}" if own else "")
-                      for h, (_, hi) in zip(shown, ranges)], width=128)
+    tiles = [enlarged(overlay(image, h.heat, lo, hi, alpha), 128) for h, (lo, hi) in zip(shown, ranges)]
+    captions = [f"L{h.layer} H{h.head} · {h.share:+.1%}" + (f" · ±{hi:.3g}" if own else "")
+                for h, (_, hi) in zip(shown, ranges)]
+    st.image(tiles, caption=captions, width=128)
     if not own:
         show_scale(*ranges[0])
+    buf = io.BytesIO()
+    contact_sheet(tiles, captions).save(buf, format="PNG")
+    st.download_button("Download these maps (PNG)", buf.getvalue(), f"{slug(name)}.png", "image/png",
+                       key=f"dl_png_{slug(name)}", icon=":material/download:")
     download_csv(pd.DataFrame([(h.layer, h.head, h.score, h.share) for h in shares],
                               columns=["layer", "head", "score", "share"]), name)
+
+
+def contact_sheet(tiles: list[Image.Image], captions: list[str], per_row: int = 6) -> Image.Image:
+    """Tiles in rows with their captions underneath: small multiples as one PNG."""
+    from PIL import ImageDraw
+    w = max(t.width for t in tiles)
+    h = max(t.height for t in tiles) + 18
+    rows = -(-len(tiles) // per_row)
+    sheet = Image.new("RGB", (w * min(per_row, len(tiles)), h * rows), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, (tile, cap) in enumerate(zip(tiles, captions)):
+        x, y = (n % per_row) * w, (n // per_row) * h
+        sheet.paste(tile, (x, y))
+        draw.text((x + 2, y + tile.height + 3), cap.replace("·", "|").replace("±", "+-"), fill="black")
+    return sheet

@@ -175,6 +175,7 @@ def test_segmentation_pages_rank_heads_and_take_an_opacity(store):
     at.sidebar.slider(key="alpha").set_value(0.8).run()
     assert at.query_params["alpha"] == "0.8"
     assert any(b.label.startswith("Download head shares") for b in at.get("download_button"))
+    assert any(b.label == "Download these maps (PNG)" for b in at.get("download_button"))
     at = app(store, "views/contrastive.py", a="a circle", b="a square")
     assert not at.exception and len(multiples(at)) == 8
     assert any("rather than" in h.value for h in at.subheader)
@@ -358,6 +359,7 @@ def test_exports_on_every_result(store):
     labels = [b.label for b in at.get("download_button")]
     assert sum("(CSV)" in x for x in labels) == 4 and sum("(PNG)" in x for x in labels) == 1
     for page in ("views/image_neighbours.py", "views/text_neighbours.py", "views/property_search.py",
-                 "views/topic_segmentation.py", "views/contrastive.py", "views/neurons.py", "views/leaderboard.py"):
+                 "views/topic_segmentation.py", "views/contrastive.py", "views/neurons.py", "views/leaderboard.py",
+                 "views/describe.py", "views/intervene.py"):
         at = app(store, page)
         assert not at.exception and at.get("download_button"), page
