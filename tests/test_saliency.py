@@ -31,7 +31,7 @@ def test_perfect_map_scores_one():
     mask[4:9, 3:12] = True
     s = SegmentationScores()
     s.add(mask.astype(float) * 3 + 1, mask)
-    assert s.result() == {"pixel_accuracy": 1.0, "miou": 1.0, "map": 1.0}
+    assert s.result() == {"pixel_accuracy": 1.0, "miou": 1.0, "map": 1.0, "map_paper": 1.0}
 
 
 def test_constant_map_ap_is_foreground_share():
@@ -51,6 +51,24 @@ def test_average_precision_matches_textbook_with_ties():
         scores = rng.integers(0, 6, 300).astype(float)    # many ties
         target = rng.random(300) < 0.4
         assert average_precision(scores, target) == pytest.approx(slow_ap(scores, target), abs=1e-12)
+
+
+def test_paper_ap_is_the_two_channel_ap_of_the_normalised_map():
+    """Against the plain definition: normalise, stack (1 - map, background) and (map, foreground), one AP."""
+    from compute.maths.segmetrics import paper_average_precision
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        heat = rng.integers(0, 5, (12, 12)).astype(float) * 0.3 - 0.4
+        mask = rng.random((12, 12)) < 0.35
+        r = (heat - heat.min()) / (heat.max() - heat.min())
+        ref = slow_ap(np.concatenate([(1 - r).ravel(), r.ravel()]), np.concatenate([~mask.ravel(), mask.ravel()]))
+        assert paper_average_precision(heat, mask) == pytest.approx(ref, abs=1e-12)
+    assert np.isnan(paper_average_precision(np.ones((4, 4)), np.eye(4, dtype=bool)))
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 1:4] = True
+    inverted = SegmentationScores()
+    inverted.add(1.0 - mask, mask)        # high on the background: both channels rank everything wrong first
+    assert inverted.result()["map_paper"] == pytest.approx(0.5)
 
 
 def test_iou_accumulates_over_images():

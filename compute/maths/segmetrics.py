@@ -7,6 +7,11 @@ For each image the continuous heatmap (already at the mask's size) is binarised 
 - mAP: the average precision of the continuous map ranking the foreground pixels, per image, then
   averaged over images (a constant map's AP is the foreground share; an image without foreground
   pixels has no AP and is left out of the mean).
+- map_paper: the AP the papers' evaluation code computes, for digit-for-digit comparison with their tables: the
+  map min-max normalised to [0, 1] per image, then one AP over both channels flattened together, the
+  background channel (1 - map against the background mask) and the foreground channel (map against the
+  foreground mask); averaged over images. A map that is constant over an image has no such AP (the
+  normalisation divides by zero) and is left out of that mean.
 """
 from __future__ import annotations
 
@@ -29,6 +34,17 @@ def average_precision(scores: np.ndarray, target: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def paper_average_precision(heat: np.ndarray, mask: np.ndarray) -> float:
+    """The two-channel AP of the papers' code (see the module docstring); NaN for a constant map."""
+    h = np.asarray(heat, np.float64).ravel()
+    span = h.max() - h.min()
+    if span <= 0:
+        return float("nan")
+    r = (h - h.min()) / span
+    m = np.asarray(mask, bool).ravel()
+    return average_precision(np.r_[1.0 - r, r], np.r_[~m, m])
+
+
 class SegmentationScores:
     """Accumulates one method's metrics over images."""
 
@@ -38,6 +54,7 @@ class SegmentationScores:
         self.inter = np.zeros(2, np.int64)
         self.union = np.zeros(2, np.int64)
         self.aps: list[float] = []
+        self.paper_aps: list[float] = []
         self.n = 0
 
     def add(self, heat: np.ndarray, mask: np.ndarray) -> None:
@@ -54,6 +71,9 @@ class SegmentationScores:
         ap = average_precision(heat, mask)
         if not np.isnan(ap):
             self.aps.append(ap)
+        ap = paper_average_precision(heat, mask)
+        if not np.isnan(ap):
+            self.paper_aps.append(ap)
 
     @property
     def images(self) -> int:
@@ -63,4 +83,5 @@ class SegmentationScores:
         iou = np.where(self.union > 0, self.inter / np.maximum(self.union, 1), 0.0)
         return {"pixel_accuracy": self.correct / self.pixels if self.pixels else float("nan"),
                 "miou": float(iou.mean()) if self.pixels else float("nan"),
-                "map": float(np.mean(self.aps)) if self.aps else float("nan")}
+                "map": float(np.mean(self.aps)) if self.aps else float("nan"),
+                "map_paper": float(np.mean(self.paper_aps)) if self.paper_aps else float("nan")}
