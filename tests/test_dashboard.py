@@ -210,6 +210,20 @@ def test_intervene_page_heads_and_property(store):
     assert any("needs a {}" in e.value for e in at.error)
 
 
+def test_intervene_on_a_run_without_labels_explains(store, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    src = next(p for p in store.iterdir() if p.name.startswith("shapes"))
+    run = tmp_path / "s" / src.name
+    shutil.copytree(src, run)
+    for f in (run / "images").glob("*.parquet"):
+        t = pq.read_table(f)
+        pq.write_table(t.set_column(t.schema.get_field_index("label"), "label", pa.nulls(t.num_rows, pa.string())), f)
+    at = app(tmp_path / "s", "views/intervene.py", ablate="5.1")
+    assert not at.exception
+    assert any("at least two labels" in e.value for e in at.error)
+
+
 def test_property_search(store):
     at = app(store, "views/property_search.py", k=3)
     assert not at.exception
