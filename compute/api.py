@@ -309,7 +309,7 @@ class Run:
             raise AtlasError(f"{self.info.name} has no TextSpan texts; `clip-atlas textspan RUN` writes them")
         heads = sorted({(l, h) for l, h, *_ in picks})
         contrib = self._head_contributions(image, heads)
-        scores = span_scores(contrib, {lh: self._head_mean(*lh) for lh in heads}, picks)
+        scores = span_scores(contrib, self.store.head_means(self.info), picks)
         labels = {(l, h): p for l, h, p, _ in self.store.properties(self.info)}
         pairs = pd.DataFrame([(s.layer, s.head, labels.get((s.layer, s.head)), s.rank, s.text, s.score, s.share)
                               for s in sorted(scores, key=lambda s: -s.score)],
@@ -338,17 +338,10 @@ class Run:
                              "for zero-shot accuracy")
         prompts = [template.format(c) for c in classes]
         T = self.model.encode_texts(prompts).double().cpu().numpy()
-        ids, E = self.store.embeddings(self.info)
+        ids, base, per_head = self._stored_scores(heads, T)
+        means = per_head.mean(1)                           # [heads, C] over every image of the run
+        ablated = base - (per_head - means[:, None]).sum(0)
         want = np.isin(ids, [i for i, _ in labelled])
-        base = E.astype(np.float64) @ T.T
-        ablated, means = base.copy(), []
-        for l, h in heads:
-            hid, C = self.store.head_matrix(self.info, l, h)
-            if not np.array_equal(hid, ids):
-                raise AtlasError(f"{self.info.name}: head {l}.{h} holds other images than the run; is it complete?")
-            S = C.astype(np.float64) @ T.T
-            means.append(S.mean(0))                        # over every image of the run, labelled or not
-            ablated -= S - means[-1]
         label_of = dict(labelled)
         y = np.array([classes.index(label_of[int(i)]) for i in ids[want]])
         b, a = accuracy(base[want], y, y, classes), accuracy(ablated[want], y, y, classes)
@@ -356,8 +349,21 @@ class Run:
         rows += [(c, int((y == k).sum()), b["groups"][c], a["groups"][c]) for k, c in enumerate(classes) if c in b["groups"]]
         table = pd.DataFrame(rows, columns=["label", "images", "base", "ablated"])
         table["change"] = table["ablated"] - table["base"]
-        return Intervention(heads, classes, prompts, table, ids[want], base[want], ablated[want], T,
-                            np.array(means).reshape(len(heads), len(classes)))
+        return Intervention(heads, classes, prompts, table, ids[want], base[want], ablated[want], T, means)
+
+    def _stored_scores(self, heads: list[tuple[int, int]], T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image_ids sorted, embedding . T [N, C], each head's contribution . T [len(heads), N, C]), streamed
+        over the run's chunks: memory is classes-wide, not D-wide."""
+        from .heads import iter_chunks
+        from .store import RunStore
+        ids, base, per = [], [], []
+        for chunk in iter_chunks(RunStore(self.info.path), heads):
+            ids.append(chunk.ids)
+            base.append(chunk.embedding.astype(np.float64) @ T.T)
+            per.append(chunk.heads.astype(np.float64) @ T.T if heads else np.zeros((0, len(chunk.ids), len(T))))
+        ids = np.concatenate(ids)
+        order = np.argsort(ids, kind="stable")
+        return ids[order], np.concatenate(base)[order], np.concatenate(per, axis=1)[:, order]
 
     def class_scores(self, image: ImageLike, intervention: Intervention) -> "pd.DataFrame":
         """One image's scores for the intervention's classes: class, base, ablated (image . prompt)."""
@@ -387,9 +393,6 @@ class Run:
         for l, h in out:
             self._check_head(l, h)
         return out
-
-    def _head_mean(self, layer: int, head: int) -> np.ndarray:
-        return self.store.head_matrix(self.info, layer, head)[1].astype(np.float64).mean(0)
 
     def _head_contributions(self, image: ImageLike, heads: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
         """{(layer, head): [D]} for a stored image (from the store) or any other (decomposed live)."""

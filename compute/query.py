@@ -24,7 +24,6 @@ _VECTOR_QUERIES = {
     "contribution": "SELECT image_id, contribution AS v FROM read_parquet(?)",
     "vector": "SELECT image_id, vector AS v FROM read_parquet(?)",
     "direction": "SELECT neuron AS image_id, direction AS v FROM read_parquet(?)",
-    "embedding": "SELECT image_id, embedding AS v FROM read_parquet(?)",
 }
 
 
@@ -60,6 +59,7 @@ class Store:
         self._con.execute("SET enable_external_access = false")
         self._con.execute("SET lock_configuration = true")
         self._matrices: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._means: dict[tuple, dict] = {}
         self._matrix_lock = threading.Lock()
 
     # ---- connection
@@ -179,16 +179,31 @@ class Store:
         return self._sorted(self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"),
                             "contribution")
 
-    def embeddings(self, run: RunInfo) -> tuple[np.ndarray, np.ndarray]:
-        """(image_ids sorted, L2-normalised image embeddings [N, D]), cached."""
-        return self._sorted(self._glob(run, "images", "*.parquet"), "embedding")
-
     def _sorted(self, pattern: str, column: str) -> tuple[np.ndarray, np.ndarray]:
         ids, M = self._matrix(pattern, column)
         if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
             order = np.argsort(ids, kind="stable")
             ids, M = ids[order], M[order]
         return ids, M
+
+    def head_means(self, run: RunInfo) -> dict[tuple[int, int], np.ndarray]:
+        """Every stored head's mean contribution over the run's images, {(layer, head): [D] float64}: one streamed
+        pass over the run (memory: one chunk), kept until the run's manifest changes."""
+        from .heads import iter_chunks
+        key = ("means", str(run.path), (run.path / MANIFEST).stat().st_mtime_ns)
+        with self._matrix_lock:
+            if key in self._means:
+                return self._means[key]
+        m = run.manifest
+        pairs = [(l, h) for l in m.get("head_layers", []) for h in range(m["heads"])]
+        total, n = np.zeros((len(pairs), m["embed_dim"])), 0
+        for chunk in iter_chunks(RunStore(run.path), pairs, embedding=False):
+            total += chunk.heads.astype(np.float64).sum(1)
+            n += len(chunk.ids)
+        means = {lh: total[i] / max(n, 1) for i, lh in enumerate(pairs)}
+        with self._matrix_lock:
+            self._means = {key: means}          # one run's means at a time: they are small, the pass is not
+        return means
 
     def image_heads(self, run: RunInfo, image_id: int) -> dict[tuple[int, int], np.ndarray]:
         """One stored image's contribution through every stored head, {(layer, head): [D]}, in one query."""

@@ -32,7 +32,7 @@ def evaluate_descriptions(run: str, k: int = K, n_images: int = N_IMAGES) -> dic
         raise AtlasError(f"{run} has no TextSpan texts; run `clip-atlas textspan {run}` first")
     heads = sorted({(l, h) for l, h, *_ in picks})
     matrices = {lh: s.head_matrix(info, *lh) for lh in heads}
-    means = {lh: m.astype(np.float64).mean(0) for lh, (_, m) in matrices.items()}
+    means = s.head_means(info)
     ids = matrices[heads[0]][0]
     scene_of = scenes_by_id(store)
     rows = [r for r, i in enumerate(ids) if scene_of.get(int(i)) is not None][:n_images]
