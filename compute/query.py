@@ -174,18 +174,6 @@ class Store:
                 self._matrices.popitem(last=False)
         return entry
 
-    def head_matrix(self, run: RunInfo, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image_ids sorted, contributions [N, D]) of one head, cached."""
-        return self._sorted(self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"),
-                            "contribution")
-
-    def _sorted(self, pattern: str, column: str) -> tuple[np.ndarray, np.ndarray]:
-        ids, M = self._matrix(pattern, column)
-        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
-            order = np.argsort(ids, kind="stable")
-            ids, M = ids[order], M[order]
-        return ids, M
-
     def head_means(self, run: RunInfo) -> dict[tuple[int, int], np.ndarray]:
         """Every stored head's mean contribution over the run's images, {(layer, head): [D] float64}: one streamed
         pass over the run (memory: one chunk), kept until the run's manifest changes."""

@@ -23,6 +23,7 @@ N_IMAGES = 300
 
 def evaluate_descriptions(run: str, k: int = K, n_images: int = N_IMAGES) -> dict[str, float]:
     """{describe_precision_at_k, describe_chance_at_k, describe_images} for a Shapes run with TextSpan."""
+    from ..heads import head_files, read_rows
     from ..query import Store
     store = RunStore(run)
     s = Store(store.root.parent)
@@ -31,19 +32,18 @@ def evaluate_descriptions(run: str, k: int = K, n_images: int = N_IMAGES) -> dic
     if not picks:
         raise AtlasError(f"{run} has no TextSpan texts; run `clip-atlas textspan {run}` first")
     heads = sorted({(l, h) for l, h, *_ in picks})
-    matrices = {lh: s.head_matrix(info, *lh) for lh in heads}
-    means = s.head_means(info)
-    ids = matrices[heads[0]][0]
     scene_of = scenes_by_id(store)
-    rows = [r for r, i in enumerate(ids) if scene_of.get(int(i)) is not None][:n_images]
-    if not rows:
+    ids = np.array([i for i, sc in sorted(scene_of.items()) if sc is not None][:n_images], np.int64)
+    if not len(ids):
         raise AtlasError(f"{run}: its images are not Shapes scenes (no scenes.parquet rows)")
-    scenes = [scene_of[int(ids[r])] for r in rows]
+    rows = {lh: read_rows(head_files(store, *lh), "contribution", ids) for lh in heads}     # row-filtered reads
+    means = s.head_means(info)
+    scenes = [scene_of[int(i)] for i in ids]
     tags = shapes_tags()
     base_rate: dict[tuple[str, str], float] = {}
     precision, chance = [], []
-    for r, scene in zip(rows, scenes):
-        ranked = rank_texts(span_scores({lh: m[r] for lh, (_, m) in matrices.items()}, means, picks))
+    for r, scene in enumerate(scenes):
+        ranked = rank_texts(span_scores({lh: m[r] for lh, m in rows.items()}, means, picks))
         values = [v for v in (text_value(t.text, tags.get(t.text)) for t in ranked) if v is not None][:k]
         if not values:
             continue
