@@ -305,18 +305,24 @@ def show_heatmap(image: Image.Image, heat, vmin: float, vmax: float, caption: st
     shown = overlay(image, heat, vmin, vmax, alpha)
     show_image(shown, caption)
     show_scale(vmin, vmax)
+    download_png(shown, "heatmap", caption)
+
+
+def download_png(image: Image.Image, what: str, name: str) -> None:
+    """A download button for an image, as `name`.png."""
     buf = io.BytesIO()
-    shown.save(buf, format="PNG")
-    st.download_button("Download heatmap (PNG)", buf.getvalue(), f"{slug(caption)}.png", "image/png",
-                       key=f"dl_png_{slug(caption)}", icon=":material/download:")
+    image.save(buf, format="PNG")
+    st.download_button(f"Download {what} (PNG)", buf.getvalue(), f"{slug(name)}.png", "image/png",
+                       key=f"dl_png_{slug(name)}", icon=":material/download:")
 
 
-def show_which_heads(image: Image.Image, shares: list, k: int, alpha: float, name: str) -> None:
-    """Small multiples of the first k head maps (maths.segment.HeadShare, ranked) on one shared scale, each
-    captioned with its share of the total, and a CSV of every head's score and share."""
+def show_which_heads(image: Image.Image, shares: list, alpha: float, name: str) -> None:
+    """Small multiples of the first k head maps (maths.segment.HeadShare, ranked; k from a slider) on one shared
+    scale, each captioned with its share of the total, and a CSV of every head's score and share."""
     import pandas as pd
 
     from compute.maths.segment import overlay, symmetric_range
+    k = st.slider("Heads shown", 1, max(1, len(shares)), min(8, len(shares)), key="which_k")
     shown = shares[:k]
     if not shown:
         return
@@ -330,10 +336,7 @@ def show_which_heads(image: Image.Image, shares: list, k: int, alpha: float, nam
     st.image(tiles, caption=captions, width=128)
     if not own:
         show_scale(*ranges[0])
-    buf = io.BytesIO()
-    contact_sheet(tiles, captions).save(buf, format="PNG")
-    st.download_button("Download these maps (PNG)", buf.getvalue(), f"{slug(name)}.png", "image/png",
-                       key=f"dl_png_{slug(name)}", icon=":material/download:")
+    download_png(contact_sheet(tiles, captions), "these maps", name)
     download_csv(pd.DataFrame([(h.layer, h.head, h.score, h.share) for h in shares],
                               columns=["layer", "head", "score", "share"]), name)
 

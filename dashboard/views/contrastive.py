@@ -32,6 +32,4 @@ with show_errors():
         with cols[2]:
             show_heatmap(img.image, b_minus_a, vmin, vmax, f"“{text_b}” − “{text_a}”", alpha)
         st.subheader(f"Which head sees “{text_a}” rather than “{text_b}”")
-        n = len(maps.layers) * run.manifest["heads"]
-        k = st.slider("Heads shown", 1, n, min(8, n), key="which_k")
-        show_which_heads(img.image, which_heads(maps, t_a - t_b), k, alpha, f"head shares for {text_a} vs {text_b}")
+        show_which_heads(img.image, which_heads(maps, t_a - t_b), alpha, f"head shares for {text_a} vs {text_b}")

@@ -30,9 +30,9 @@ with show_errors():
         chosen = st.multiselect("Heads (layer.head; the run's stored layers)", all_heads, default=default, key="iheads")
         heads = [tuple(int(x) for x in c.split(".")) for c in chosen]
         set_params(ablate=",".join(chosen) or None)
-    template = st.text_input("Class prompt ({} is the label)", value=param("tpl", default_template(api.model)),
-                             key="itpl")
-    set_params(tpl=template if template != default_template(api.model) else None)
+    usual = default_template(api.model)
+    template = st.text_input("Class prompt ({} is the label)", value=param("tpl", usual), key="itpl")
+    set_params(tpl=template if template != usual else None)
     iv = intervention(str(s.root), run.name, run.manifest.get("finished_at", 0.0), tuple(heads), template)
     if not heads:
         st.info("Pick heads to mean-ablate: below is the model as it is.")

@@ -28,8 +28,6 @@ with show_errors():
             show_heatmap(img.image, heat, *symmetric_range(heat),
                          f"“{text}”, {'all heads' if heads is None else f'layer {heads[0][0]} head {heads[0][1]}'}", alpha)
         st.subheader("Which head sees it")
-        k = st.slider("Heads shown", 1, len(maps.layers) * run.manifest["heads"], min(8, len(maps.layers) * run.manifest["heads"]),
-                      key="which_k")
         st.caption(f"Every head's map for “{text}”, ranked by its share of the total: the head's sum over patches "
                    "divided by the sum of all heads' absolute sums.")
-        show_which_heads(img.image, which_heads(maps, t), k, alpha, f"head shares for {text}")
+        show_which_heads(img.image, which_heads(maps, t), alpha, f"head shares for {text}")
