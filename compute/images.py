@@ -1,7 +1,6 @@
 """Finding images in a folder tree and decoding them safely."""
 from __future__ import annotations
 
-import csv
 import math
 import hashlib
 import warnings
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .csvfiles import read_csv_rows
 from .errors import AtlasError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -39,14 +39,7 @@ def image_id(rel_path: str) -> int:
 
 def read_labels(path: Path) -> dict[str, str]:
     """A CSV with columns path,label (path relative to the images root)."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise AtlasError(f"cannot read labels file {path}: {e}") from None
-    if rows and not {"path", "label"} <= set(rows[0]):
-        raise AtlasError(f"labels file {path} needs the columns path,label")
-    return {r["path"]: r["label"] for r in rows}
+    return {r["path"]: r["label"] for r in read_csv_rows(path, ("path", "label"), "labels", allow_empty=True)}
 
 
 def find_images(root: str | Path, labels_csv: str | Path | None = None, limit: int | None = None) -> list[ImageRef]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
@@ -12,9 +13,11 @@ import torch
 from PIL import Image
 
 from compute.cli import main
+from compute.csvfiles import read_csv_rows
 from compute.errors import AtlasError
 from compute.eval.ablation import ablated_scores, head_scores, parse_heads, read_grouped_set, run_ablation, run_means
 from compute.eval.segmentation import METHODS, evaluate_segmentation, pair_examples
+from compute.images import read_labels
 from compute.models import load_model
 
 MODEL = "clip-atlas-shapes:random"
@@ -176,6 +179,29 @@ def test_eval_segmentation_with_predicted_classes(shapes_dir, tmp_path, loaded):
     rows, skipped = evaluate_segmentation(loaded, pairing, ("decomposition", "chefer"), classes=str(classes),
                                           progress=False)
     assert [r["images"] for r in rows] == [6, 6] and not skipped
+
+
+def test_class_and_label_files_with_broken_rows_fail_in_one_line(shapes_dir, tmp_path, capsys):
+    """A stray carriage return inside a row (a CSV cut and pasted from a CRLF file) splits it in two: the
+    second half has no prompt. That is one line naming the file and line, not a traceback from the tokenizer."""
+    broken = tmp_path / "classes.csv"
+    broken.write_bytes(b"label,prompt\r\nred circle\r,a red circle\r\n")
+    rc = main(["eval", "segmentation", "--model", MODEL, "--images", str(shapes_dir / "images"),
+               "--masks", str(shapes_dir / "masks"), "--classes", str(broken), "--out", str(tmp_path / "x.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: classes file {broken}, line 2: no value for prompt")
+    for text, message in (("label\nred circle\n", "needs the columns label,prompt (its header has label)"),
+                          ("", "needs the columns label,prompt (its header has nothing)"),
+                          ("label,prompt\n", "has no rows")):
+        broken.write_text(text)
+        with pytest.raises(AtlasError, match=re.escape(message)):
+            read_csv_rows(broken, ("label", "prompt"), "classes")
+    # a spreadsheet's byte-order mark does not hide the first column; an empty labels file is an empty mapping
+    broken.write_bytes("\ufefflabel,prompt\nred circle,a red circle\n".encode())
+    assert read_csv_rows(broken, ("label", "prompt"), "classes") == [{"label": "red circle", "prompt": "a red circle"}]
+    broken.write_text("")
+    assert read_labels(broken) == {}
 
 
 def test_shapes_spurious_experiment(tmp_path):

@@ -18,7 +18,6 @@ paper's choice) or over a run's stored contributions (`mean_from="run"`).
 """
 from __future__ import annotations
 
-import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..csvfiles import read_csv_rows
 from ..errors import AtlasError
 from ..images import BadImage, load_image
 from ..models import LoadedModel
@@ -40,20 +40,6 @@ class GroupedSet:
     classes: list[str]
     prompts: list[str]
     group_names: list[str]
-
-
-def read_csv_rows(path: str | Path, columns: tuple[str, ...], what: str) -> list[dict]:
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise AtlasError(f"cannot read {what} file {path}: {str(e).splitlines()[0]}") from None
-    if not rows:
-        raise AtlasError(f"{what} file {path} has no rows")
-    if not set(columns) <= set(rows[0]):
-        raise AtlasError(f"{what} file {path} needs the columns {','.join(columns)}")
-    return rows
 
 
 def read_grouped_set(images: str | Path, groups_csv: str | Path, classes_csv: str | Path) -> GroupedSet:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from ..csvfiles import read_csv_rows
 from ..errors import AtlasError
 from ..images import BadImage, find_images, load_image, read_labels
 from ..maths.decompose import resolve_layers
@@ -51,7 +52,6 @@ def class_texts(loaded: LoadedModel, classes: str) -> tuple[list[str], torch.Ten
         prompts = [t(c) for c in names for t in OPENAI_IMAGENET_TEMPLATES]
         emb = loaded.encode_texts(prompts, progress=True).view(len(names), k, -1).mean(1)
         return names, F.normalize(emb, dim=-1)
-    from .ablation import read_csv_rows
     rows = read_csv_rows(classes, ("label", "prompt"), "classes")
     return [r["label"] for r in rows], loaded.encode_texts([r["prompt"] for r in rows])
 
