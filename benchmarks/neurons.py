@@ -31,7 +31,7 @@ def naive_effects(so: SecondOrder, x: torch.Tensor, neurons: range) -> torch.Ten
     """[B, len(neurons), D]: per neuron, its write at every token through each later head, nothing factorised."""
     dec, fd = so.dec, so.dec.fold_dtype
     b = so(x)                         # the forward's attention rows, LN scales and activations
-    W, H, hd = dec.width, dec.n_heads, dec.head_dim
+    W, hd = dec.width, dec.head_dim
     U = so.writes()
     out = []
     for n in neurons:

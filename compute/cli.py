@@ -183,6 +183,15 @@ def _shapes_card(a: argparse.Namespace) -> None:
     print(f"wrote {write_card(SHAPES_WEIGHTS)}")
 
 
+def _command(parent, name: str, help: str, func, run: bool = False) -> argparse.ArgumentParser:
+    """A subcommand that calls `func(args)`; `run`: its first argument is a run folder."""
+    cmd = parent.add_parser(name, help=help)
+    if run:
+        cmd.add_argument("run")
+    cmd.set_defaults(func=func)
+    return cmd
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .jobs.neurons import DEFAULT_TEXTS as NEURON_TEXTS, TOP_K as NEURON_TOP_K
     from .jobs.textspan import DEFAULT_M, DEFAULT_RANK
@@ -191,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clip-atlas", description="Decompose and interpret CLIP image embeddings.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("compute", help="decompose a folder of images into a Parquet run")
+    c = _command(sub, "compute", "decompose a folder of images into a Parquet run", _compute)
     c.add_argument("--model", required=True, help="NAME[:TAG], e.g. shapes, ViT-B-32:openai, ViT-B-16:random")
     c.add_argument("--images", required=True, help="folder of images (subfolder or labels.csv gives the label)")
     c.add_argument("--out", required=True, help="run folder, e.g. artifacts/my-run")
@@ -207,32 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/store.md gives its tolerance)")
     c.add_argument("--workers", type=int, default=None,
                    help="image decoding threads (default: the cores available, divided among the ranks of a node)")
-    c.set_defaults(func=_compute)
 
-    t = sub.add_parser("textspan", help="label each head's output space with texts (TextSpan)")
-    t.add_argument("run")
+    t = _command(sub, "textspan", "label each head's output space with texts (TextSpan)", _textspan, run=True)
     t.add_argument("--texts", default="auto", help="pool: auto (shapes for the Shapes model, else general) | general | shapes | a .txt or .csv file")
     t.add_argument("--m", type=int, default=DEFAULT_M, help="at most this many texts per head")
     t.add_argument("--rank", type=int, default=DEFAULT_RANK,
                    help="rank of the span the texts are projected on; capped per head at its numerical rank")
     t.add_argument("--layers", default=None, help="subset of the stored layers (default: all stored)")
     t.add_argument("--device", default="auto")
-    t.set_defaults(func=_textspan)
 
-    lb = sub.add_parser("label", help="assign each head a property from its TextSpan texts")
-    lb.add_argument("run")
+    lb = _command(sub, "label", "assign each head a property from its TextSpan texts", _label, run=True)
     lb.add_argument("--method", default="tags", choices=list(METHODS),
                     help="tags (default): majority of the head's texts, kept only when both halves of the images agree")
     lb.add_argument("--reference", default="general", help="tagged pool for --method similarity")
-    lb.set_defaults(func=_label)
 
-    ix = sub.add_parser("index", help="memory-mapped per-head indexes for fast exact neighbour queries")
-    ix.add_argument("run")
+    ix = _command(sub, "index", "memory-mapped per-head indexes for fast exact neighbour queries", _index, run=True)
     ix.add_argument("--layers", default=None, help="only these stored layers (default: all stored)")
-    ix.set_defaults(func=_index)
 
-    nr = sub.add_parser("neurons", help="second-order effects of MLP neurons, with text descriptions")
-    nr.add_argument("run")
+    nr = _command(sub, "neurons", "second-order effects of MLP neurons, with text descriptions", _neurons, run=True)
     nr.add_argument("--layers", default=None,
                     help="MLP layers (default: from 2/3 of the depth to the second-to-last, as the paper studies)")
     nr.add_argument("--images", type=int, default=None, help="use the first N of the run's images (default: all)")
@@ -240,31 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     nr.add_argument("--top-k", type=int, default=NEURON_TOP_K, help="top images kept per neuron")
     nr.add_argument("--batch-size", type=int, default=32)
     nr.add_argument("--device", default="auto")
-    nr.set_defaults(func=_neurons)
 
-    rp = sub.add_parser("report", help="a run's summary as one HTML page")
-    rp.add_argument("run")
+    rp = _command(sub, "report", "a run's summary as one HTML page", _report, run=True)
     rp.add_argument("--out", default=None, help="where to write it (default RUN/report.html)")
-    rp.set_defaults(func=_report)
 
-    mt = sub.add_parser("metrics", help="interpretability metrics of a run")
-    mt.add_argument("run")
-    mt.set_defaults(func=_metrics)
+    _command(sub, "metrics", "interpretability metrics of a run", _metrics, run=True)
 
-    ld = sub.add_parser("leaderboard", help="compare the runs of a store")
+    ld = _command(sub, "leaderboard", "compare the runs of a store", _leaderboard)
     ld.add_argument("store", nargs="?", default=DEFAULT_STORE)
-    ld.set_defaults(func=_leaderboard)
 
-    d = sub.add_parser("demo", help="the offline default: Shapes data, store, labels, metrics, dashboard")
+    d = _command(sub, "demo", "the offline default: Shapes data, store, labels, metrics, dashboard", _demo)
     d.add_argument("--store", default=DEFAULT_STORE)
     d.add_argument("--n", type=int, default=2000)
     d.add_argument("--port", type=int, default=8501)
     d.add_argument("--no-serve", action="store_true", help="build the store only")
-    d.set_defaults(func=_demo)
 
     ev = sub.add_parser("eval", help="the papers' experiments: zero-shot segmentation, head ablation")
     evs = ev.add_subparsers(dest="eval_cmd", required=True)
-    es = evs.add_parser("segmentation", help="heatmaps of five methods scored against foreground masks")
+    es = _command(evs, "segmentation", "heatmaps of five methods scored against foreground masks", _eval_segmentation)
     es.add_argument("--model", required=True, help="NAME[:TAG], e.g. shapes, ViT-B-16:laion2b_s34b_b88k")
     es.add_argument("--images", required=True, help="folder of images (any tree)")
     es.add_argument("--masks", required=True, help="folder of PNG masks at the images' relative paths (non-zero = foreground)")
@@ -279,9 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--batch-size", type=int, default=32)
     es.add_argument("--device", default="auto")
     es.add_argument("--out", required=True, help="results table, .parquet or .csv")
-    es.set_defaults(func=_eval_segmentation)
 
-    ea = evs.add_parser("ablation", help="zero-shot accuracy by group with a property's heads mean-ablated")
+    ea = _command(evs, "ablation", "zero-shot accuracy by group with a property's heads mean-ablated", _eval_ablation)
     ea.add_argument("--model", required=True)
     ea.add_argument("--images", required=True, help="the folder the --groups paths are relative to")
     ea.add_argument("--groups", required=True, help="CSV path,label,group (e.g. Waterbirds' test split: docs/reproduce.md)")
@@ -294,34 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace ablated heads by their mean over the evaluated images (default, as the paper) or the run's")
     ea.add_argument("--device", default="auto")
     ea.add_argument("--out", required=True, help="report, .json")
-    ea.set_defaults(func=_eval_ablation)
 
-    m = sub.add_parser("models", help="list the named models")
-    m.set_defaults(func=_models)
+    _command(sub, "models", "list the named models", _models)
 
     s = sub.add_parser("shapes", help="the Shapes world: generate, train, eval").add_subparsers(dest="shapes_cmd", required=True)
-    g = s.add_parser("generate", help="write a folder of scenes")
+    g = _command(s, "generate", "write a folder of scenes", _shapes_generate)
     g.add_argument("--n", type=int, default=2000)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True)
     g.add_argument("--objects", default="mixed", choices=["mixed", "1"],
                    help="mixed (default: one or two objects, as in training) | 1 (one object a scene, for segmentation)")
-    g.set_defaults(func=_shapes_generate)
-    t = s.add_parser("train", help="train the Shapes CLIP (CPU, about an hour)")
+    t = _command(s, "train", "train the Shapes CLIP (CPU, about an hour)", _shapes_train)
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="weights file (default: the bundled one)")
-    t.set_defaults(func=_shapes_train)
-    e = s.add_parser("eval", help="ground-truth evaluation of a run computed on a Shapes dataset")
-    e.add_argument("run")
-    e.set_defaults(func=_shapes_eval)
-    v = s.add_parser("validate", help="the whole pipeline with defaults on fresh seeds, scored against ground truth")
+    _command(s, "eval", "ground-truth evaluation of a run computed on a Shapes dataset", _shapes_eval, run=True)
+    v = _command(s, "validate", "the whole pipeline with defaults on fresh seeds, scored against ground truth",
+                 _shapes_validate)
     v.add_argument("--seeds", type=int, default=3)
     v.add_argument("--n", type=int, default=2000, help="scenes per seed")
     v.add_argument("--seed-base", type=int, default=101, help="first seed (training, demo and tuning used 0 and 11-13)")
     v.add_argument("--out", default="artifacts/shapes-validate")
-    v.set_defaults(func=_shapes_validate)
-    sp = s.add_parser("spurious", help="Waterbirds on Shapes: ablate the background heads of a model with a spurious cue")
+    sp = _command(s, "spurious", "Waterbirds on Shapes: ablate the background heads of a model with a spurious cue",
+                  _shapes_spurious)
     sp.add_argument("--seed", type=int, default=1,
                     help="seed of the scenes for its store and of the balanced test set (fine-tuning used 0)")
     sp.add_argument("--n", type=int, default=2000, help="scenes in the store TextSpan and labels read")
@@ -329,12 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--random", type=int, default=5, help="random ablations to compare with")
     sp.add_argument("--retrain", action="store_true", help="fine-tune the spurious model again (about 10 min on CPU)")
     sp.add_argument("--out", default="artifacts/shapes-spurious")
-    sp.set_defaults(func=_shapes_spurious)
-    cd = s.add_parser("card", help="rewrite the model card (optionally with a run's ground-truth figures)")
+    cd = _command(s, "card", "rewrite the model card (optionally with a run's ground-truth figures)", _shapes_card)
     cd.add_argument("--eval", default=None, help="a run evaluated by `shapes eval`")
     cd.add_argument("--validation", default=None, help="a report.json written by `shapes validate`")
     cd.add_argument("--neurons", nargs="*", default=None, help="Shapes runs with neuron tables: their ground-truth figures")
-    cd.set_defaults(func=_shapes_card)
     return p
 
 

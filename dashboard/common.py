@@ -292,6 +292,11 @@ def pick_opacity() -> float:
     return alpha
 
 
+def live_map_controls(run: RunInfo) -> tuple[str, list[tuple[int, int]] | None, float]:
+    """What the live segmentation pages share: the run's model spec, the heads to map, the opacity."""
+    return run.manifest["model"], pick_map_heads(run), pick_opacity()
+
+
 def show_scale(vmin: float, vmax: float) -> None:
     """The colour legend in data units."""
     from .charts import colour_bar

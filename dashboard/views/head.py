@@ -4,8 +4,8 @@ import streamlit as st
 from compute.maths.segment import symmetric_range
 
 from dashboard import charts
-from dashboard.common import (api_run, download_csv, param, pick_head, pick_image, pick_opacity, set_params, show_errors, show_heatmap, show_hits,
-                              show_image, start_page)
+from dashboard.common import (api_run, download_csv, param, pick_head, pick_image, pick_opacity, set_params, show_errors,
+                              show_heatmap, show_hits, start_page)
 
 s, run = start_page("Head")
 api = api_run(s, run)
@@ -31,7 +31,7 @@ with show_errors():
             st.markdown(f"**Furthest along “{first}”**")
             show_hits(s, run, view.top, score_name="projection on the direction", name=f"L{layer}.H{head} top images")
         with b:
-            st.markdown(f"**Furthest against it**")
+            st.markdown("**Furthest against it**")
             show_hits(s, run, view.bottom, score_name="projection on the direction",
                       name=f"L{layer}.H{head} bottom images")
     st.divider()

@@ -5,14 +5,12 @@ from compute.api import clean_text
 from compute.maths.segment import heatmap, symmetric_range, which_heads
 
 from dashboard import live
-from dashboard.common import (start_page, param, pick_image, pick_map_heads, pick_opacity, set_params, show_errors,
-                              show_heatmap, show_image, show_which_heads)
+from dashboard.common import (start_page, live_map_controls, param, pick_image, set_params, show_errors, show_heatmap,
+                              show_image, show_which_heads)
 
 s, run = start_page("Topic segmentation")
 with show_errors():
-    spec = run.manifest["model"]
-    heads = pick_map_heads(run)
-    alpha = pick_opacity()
+    spec, heads, alpha = live_map_controls(run)
     text = st.text_input("Text", value=param("text", "a red circle"), key="topic_text")
     set_params(text=text or None)
     img = pick_image(s, run)
