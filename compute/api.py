@@ -40,6 +40,7 @@ from .maths.decompose import Decomposition, resolve_layers
 from .models import LoadedModel, load_model
 from .query import RunInfo, Store, full_path
 from .store import MANIFEST
+from .texts import fill_template
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -328,15 +329,13 @@ class Run:
         from .eval.segmentation import default_template
         heads = self._ablation_heads(heads)
         template = template or default_template(self.model)
-        if "{}" not in template:
-            raise AtlasError(f"the prompt template {template!r} needs a {{}} where the label goes")
         labelled = [(i, lab) for i, _, lab in self.store.gallery(self.info, limit=self.store.image_count(self.info))
                     if lab is not None]
         classes = sorted({lab for _, lab in labelled})
         if len(classes) < 2:
             raise AtlasError(f"{self.info.name} needs images with at least two labels (labels.csv or subfolders) "
                              "for zero-shot accuracy")
-        prompts = [template.format(c) for c in classes]
+        prompts = fill_template(template, classes)
         T = self.model.encode_texts(prompts).double().cpu().numpy()
         ids, base, per_head = self._stored_scores(heads, T)
         means = per_head.mean(1)                           # [heads, C] over every image of the run

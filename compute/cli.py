@@ -183,6 +183,29 @@ def _shapes_card(a: argparse.Namespace) -> None:
     print(f"wrote {write_card(SHAPES_WEIGHTS)}")
 
 
+def _at_least(low: int):
+    """An argparse type: a whole number no smaller than `low` (argparse turns the message into a usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+POSITIVE, NONNEGATIVE = _at_least(1), _at_least(0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors of the rest of the tool (argparse alone prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _command(parent, name: str, help: str, func, run: bool = False) -> argparse.ArgumentParser:
     """A subcommand that calls `func(args)`; `run`: its first argument is a run folder."""
     cmd = parent.add_parser(name, help=help)
@@ -197,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .jobs.textspan import DEFAULT_M, DEFAULT_RANK
     from .eval.segmentation import METHODS as SEG_METHODS
     from .properties import METHODS
-    p = argparse.ArgumentParser(prog="clip-atlas", description="Decompose and interpret CLIP image embeddings.")
+    p = _Parser(prog="clip-atlas", description="Decompose and interpret CLIP image embeddings.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = _command(sub, "compute", "decompose a folder of images into a Parquet run", _compute)
@@ -205,22 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--images", required=True, help="folder of images (subfolder or labels.csv gives the label)")
     c.add_argument("--out", required=True, help="run folder, e.g. artifacts/my-run")
     c.add_argument("--layers", default="last4", help="head layers to store: lastK | all | L1,L2 (default last4)")
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--batch-size", type=POSITIVE, default=32)
     c.add_argument("--device", default="auto")
-    c.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by path)")
+    c.add_argument("--limit", type=POSITIVE, default=None, help="only the first N images (sorted by path)")
     c.add_argument("--labels", default=None, help="CSV with path,label: the images it lists, labelled (default: IMAGES/labels.csv if present)")
-    c.add_argument("--chunk-size", type=int, default=None, help="images per committed chunk (default: by memory)")
+    c.add_argument("--chunk-size", type=POSITIVE, default=None, help="images per committed chunk (default: by memory)")
     c.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast on GPU")
     c.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
                    help="element type of the stored head and component contributions (float16: half the disk; "
                         "docs/store.md gives its tolerance)")
-    c.add_argument("--workers", type=int, default=None,
+    c.add_argument("--workers", type=POSITIVE, default=None,
                    help="image decoding threads (default: the cores available, divided among the ranks of a node)")
 
     t = _command(sub, "textspan", "label each head's output space with texts (TextSpan)", _textspan, run=True)
     t.add_argument("--texts", default="auto", help="pool: auto (shapes for the Shapes model, else general) | general | shapes | a .txt or .csv file")
-    t.add_argument("--m", type=int, default=DEFAULT_M, help="at most this many texts per head")
-    t.add_argument("--rank", type=int, default=DEFAULT_RANK,
+    t.add_argument("--m", type=POSITIVE, default=DEFAULT_M, help="at most this many texts per head")
+    t.add_argument("--rank", type=POSITIVE, default=DEFAULT_RANK,
                    help="rank of the span the texts are projected on; capped per head at its numerical rank")
     t.add_argument("--layers", default=None, help="subset of the stored layers (default: all stored)")
     t.add_argument("--device", default="auto")
@@ -236,10 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     nr = _command(sub, "neurons", "second-order effects of MLP neurons, with text descriptions", _neurons, run=True)
     nr.add_argument("--layers", default=None,
                     help="MLP layers (default: from 2/3 of the depth to the second-to-last, as the paper studies)")
-    nr.add_argument("--images", type=int, default=None, help="use the first N of the run's images (default: all)")
-    nr.add_argument("--texts", type=int, default=NEURON_TEXTS, help="texts in each neuron's sparse description")
-    nr.add_argument("--top-k", type=int, default=NEURON_TOP_K, help="top images kept per neuron")
-    nr.add_argument("--batch-size", type=int, default=32)
+    nr.add_argument("--images", type=POSITIVE, default=None, help="use the first N of the run's images (default: all)")
+    nr.add_argument("--texts", type=POSITIVE, default=NEURON_TEXTS, help="texts in each neuron's sparse description")
+    nr.add_argument("--top-k", type=POSITIVE, default=NEURON_TOP_K, help="top images kept per neuron")
+    nr.add_argument("--batch-size", type=POSITIVE, default=32)
     nr.add_argument("--device", default="auto")
 
     rp = _command(sub, "report", "a run's summary as one HTML page", _report, run=True)
@@ -252,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = _command(sub, "demo", "the offline default: Shapes data, store, labels, metrics, dashboard", _demo)
     d.add_argument("--store", default=DEFAULT_STORE)
-    d.add_argument("--n", type=int, default=2000)
+    d.add_argument("--n", type=POSITIVE, default=2000)
     d.add_argument("--port", type=int, default=8501)
     d.add_argument("--no-serve", action="store_true", help="build the store only")
 
@@ -269,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--template", default=None, help="prompt with {} for the label (default: 'a {}' for Shapes models, "
                                                      "'a photo of a {}.' otherwise)")
     es.add_argument("--layers", default="all", help="layers whose heads the decomposition map sums (default all)")
-    es.add_argument("--limit", type=int, default=None, help="only the first N images that have a mask and a label")
-    es.add_argument("--batch-size", type=int, default=32)
+    es.add_argument("--limit", type=POSITIVE, default=None, help="only the first N images that have a mask and a label")
+    es.add_argument("--batch-size", type=POSITIVE, default=32)
     es.add_argument("--device", default="auto")
     es.add_argument("--out", required=True, help="results table, .parquet or .csv")
 
@@ -281,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     ea.add_argument("--classes", required=True, help="CSV label,prompt: one zero-shot prompt per class")
     ea.add_argument("--ablate", default=None, help="a property of --run's labels (e.g. background) or heads L.H,L.H")
     ea.add_argument("--run", default=None, help="a labelled run of the same model (for a property, or --mean-from run)")
-    ea.add_argument("--random", type=int, default=5, help="random ablations of as many heads (the best is reported)")
+    ea.add_argument("--random", type=NONNEGATIVE, default=5, help="random ablations of as many heads (the best is reported)")
     ea.add_argument("--seed", type=int, default=0, help="seed of the random ablations")
     ea.add_argument("--mean-from", default="eval", choices=["eval", "run"],
                     help="replace ablated heads by their mean over the evaluated images (default, as the paper) or the run's")
@@ -292,29 +315,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("shapes", help="the Shapes world: generate, train, eval").add_subparsers(dest="shapes_cmd", required=True)
     g = _command(s, "generate", "write a folder of scenes", _shapes_generate)
-    g.add_argument("--n", type=int, default=2000)
+    g.add_argument("--n", type=POSITIVE, default=2000)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True)
     g.add_argument("--objects", default="mixed", choices=["mixed", "1"],
                    help="mixed (default: one or two objects, as in training) | 1 (one object a scene, for segmentation)")
     t = _command(s, "train", "train the Shapes CLIP (CPU, about an hour)", _shapes_train)
-    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--steps", type=POSITIVE, default=2000)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="weights file (default: the bundled one)")
     _command(s, "eval", "ground-truth evaluation of a run computed on a Shapes dataset", _shapes_eval, run=True)
     v = _command(s, "validate", "the whole pipeline with defaults on fresh seeds, scored against ground truth",
                  _shapes_validate)
-    v.add_argument("--seeds", type=int, default=3)
-    v.add_argument("--n", type=int, default=2000, help="scenes per seed")
+    v.add_argument("--seeds", type=POSITIVE, default=3)
+    v.add_argument("--n", type=POSITIVE, default=2000, help="scenes per seed")
     v.add_argument("--seed-base", type=int, default=101, help="first seed (training, demo and tuning used 0 and 11-13)")
     v.add_argument("--out", default="artifacts/shapes-validate")
     sp = _command(s, "spurious", "Waterbirds on Shapes: ablate the background heads of a model with a spurious cue",
                   _shapes_spurious)
     sp.add_argument("--seed", type=int, default=1,
                     help="seed of the scenes for its store and of the balanced test set (fine-tuning used 0)")
-    sp.add_argument("--n", type=int, default=2000, help="scenes in the store TextSpan and labels read")
-    sp.add_argument("--test", type=int, default=1000, help="balanced test images (class x background)")
-    sp.add_argument("--random", type=int, default=5, help="random ablations to compare with")
+    sp.add_argument("--n", type=POSITIVE, default=2000, help="scenes in the store TextSpan and labels read")
+    sp.add_argument("--test", type=POSITIVE, default=1000, help="balanced test images (class x background)")
+    sp.add_argument("--random", type=NONNEGATIVE, default=5, help="random ablations to compare with")
     sp.add_argument("--retrain", action="store_true", help="fine-tune the spurious model again (about 10 min on CPU)")
     sp.add_argument("--out", default="artifacts/shapes-spurious")
     cd = _command(s, "card", "rewrite the model card (optionally with a run's ground-truth figures)", _shapes_card)
@@ -325,7 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; the exit status (0 done, 2 refused with a one-line message)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:      # --help, or a usage error already printed
+        return int(e.code or 0)
     try:
         args.func(args)
     except AtlasError as e:

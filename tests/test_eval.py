@@ -19,6 +19,7 @@ from compute.eval.ablation import ablated_scores, head_scores, parse_heads, read
 from compute.eval.segmentation import METHODS, evaluate_segmentation, pair_examples
 from compute.images import read_labels
 from compute.models import load_model
+from compute.texts import fill_template
 
 MODEL = "clip-atlas-shapes:random"
 
@@ -76,6 +77,25 @@ def test_eval_segmentation_refuses_clearly(shapes_dir, tmp_path, capsys):
     rc = main(["eval", "segmentation", "--model", MODEL, "--images", str(shapes_dir / "images"),
                "--masks", str(shapes_dir / "masks"), "--methods", "decomposition,lrp", "--out", str(tmp_path / "x.csv")])
     assert rc == 2 and "unknown method 'lrp'" in capsys.readouterr().err
+
+
+def test_counts_and_templates_are_checked_before_any_work(shapes_dir, tmp_path, capsys):
+    base = ["eval", "segmentation", "--model", MODEL, "--images", str(shapes_dir / "images"),
+            "--masks", str(shapes_dir / "masks"), "--labels", str(shapes_dir / "labels.csv"), "--out", str(tmp_path / "x.csv")]
+    for extra, message in ((["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+                           (["--limit", "-2"], "argument --limit: must be at least 1, got -2"),
+                           (["--limit", "ten"], "argument --limit: 'ten' is not a whole number")):
+        rc = main(base + extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: clip-atlas eval segmentation: ") and message in err
+        assert err.count("\n") == 1
+    for template in ("{} {}", "a {name}", "a {0}", "a {!r}", "a {", "a photo"):
+        rc = main(base + ["--template", template])
+        assert rc == 2 and "needs a {} where the label goes" in capsys.readouterr().err
+    assert fill_template("{{{}}} shape", ["red"]) == ["{red} shape"]
+    with pytest.raises(AtlasError, match="--limit must be at least 1"):
+        pair_examples(shapes_dir / "images", shapes_dir / "masks", shapes_dir / "labels.csv", limit=0)
+    assert not (tmp_path / "x.csv").exists()
 
 
 # ---------------------------------------------------------------- ablation

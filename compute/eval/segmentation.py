@@ -28,6 +28,7 @@ from ..maths.decompose import resolve_layers
 from ..maths.saliency import BASELINES, baseline_maps
 from ..maths.segmetrics import SegmentationScores
 from ..models import LoadedModel
+from ..texts import fill_template
 
 METHODS = ("decomposition",) + BASELINES
 #: 'auto' picks the prompt a model was trained with: Shapes captions name the object bare, web CLIPs the photo.
@@ -76,6 +77,8 @@ def pair_examples(images: str | Path, masks: str | Path, labels: str | Path | No
                   limit: int | None = None, need_labels: bool = True) -> Pairing:
     """Images with their masks and labels; images without a mask (or a label, when one is needed) are counted,
     not used."""
+    if limit is not None and limit < 1:
+        raise AtlasError("--limit must be at least 1")
     images, masks = Path(images), Path(masks)
     if not masks.is_dir():
         raise AtlasError(f"mask folder not found: {masks}")
@@ -161,11 +164,8 @@ def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[
     if classes is not None:
         labels, emb = class_texts(loaded, classes)
     else:
-        template = template or default_template(loaded)
-        if "{}" not in template:
-            raise AtlasError(f"the prompt template {template!r} needs a {{}} where the label goes")
         labels = sorted({e.label for e in pairing.examples})
-        emb = loaded.encode_texts([template.format(lb) for lb in labels])
+        emb = loaded.encode_texts(fill_template(template or default_template(loaded), labels))
     text_emb = dict(zip(labels, emb))
     # the decomposition map reads each token against its label's text minus the mean text of all labels, so what
     # every class shares does not light up the background (as the authors' code does), and clips at zero

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,18 @@ from ..errors import AtlasError
 HERE = Path(__file__).parent
 BUNDLED = {"general": HERE / "general.csv", "shapes": HERE / "shapes.csv"}
 MAX_WORDS = 30
+
+
+def fill_template(template: str, labels: list[str]) -> list[str]:
+    """Each label in a prompt template with exactly one {} (a literal brace is {{ or }})."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError:
+        fields = None
+    if fields != [("", "", None)]:
+        raise AtlasError(f"the prompt template {template!r} needs a {{}} where the label goes, and no other "
+                         "braces (write {{ or }} for a literal one)")
+    return [template.format(label) for label in labels]
 
 
 @dataclass

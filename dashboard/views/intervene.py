@@ -71,13 +71,14 @@ with show_errors():
         classes = list(iv.classes)
         cls = st.selectbox("Segment for", classes, index=classes.index(before), key="icls")
         maps = live.image_token_maps(run.manifest["model"], img.image)
-        t = live.text_embedding(run.manifest["model"], template.format(cls))
+        prompt = iv.prompts[classes.index(cls)]
+        t = live.text_embedding(run.manifest["model"], prompt)
         whole, ablated = heatmap(maps, t), heatmap(maps, t, without=heads)
         vmin, vmax = symmetric_range(whole, ablated)
         alpha = pick_opacity()
         a, b = st.columns(2)
         with a:
-            show_heatmap(img.image, whole, vmin, vmax, f"“{template.format(cls)}”, as is", alpha)
+            show_heatmap(img.image, whole, vmin, vmax, f"“{prompt}”, as is", alpha)
         with b:
-            show_heatmap(img.image, ablated, vmin, vmax, f"“{template.format(cls)}”, heads ablated", alpha)
+            show_heatmap(img.image, ablated, vmin, vmax, f"“{prompt}”, heads ablated", alpha)
         st.caption("The ablated map leaves the heads' token maps out: a head's mean contribution belongs to no patch.")
