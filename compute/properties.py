@@ -224,6 +224,9 @@ def run_label(run: str, method: str = "tags", reference: str = "general") -> lis
     if method not in METHODS:
         raise AtlasError(f"unknown labelling method {method!r} ({', '.join(METHODS)})")
     store = RunStore(run)
+    store.manifest()
+    if not store.table_path("texts").is_file():
+        raise AtlasError(f"{store.root} has no TextSpan texts yet: run `clip-atlas textspan {store.root}` first")
     if method == "similarity":
         labels = label_by_similarity(store, reference)
     else:

@@ -215,6 +215,18 @@ class RunStore:
         return path
 
 
+def stored_head_layers(manifest: dict[str, Any], wanted: list[int] | None, run: str | Path) -> list[int]:
+    """The run's stored head layers, or `wanted`, every one of which must be stored."""
+    stored = manifest["head_layers"]
+    if wanted is None:
+        return list(stored)
+    missing = sorted(set(wanted) - set(stored))
+    if missing:
+        raise AtlasError(f"layers {', '.join(map(str, missing))} were not stored in {run} (stored: "
+                         f"{', '.join(map(str, stored))}); recompute it with --layers including them")
+    return sorted(wanted)
+
+
 def list_runs(store: str | Path) -> list[Path]:
     """Run folders directly under a store folder (those with a manifest)."""
     store = Path(store)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .errors import AtlasError
-from .store import RunStore
+from .store import RunStore, stored_head_layers
 
 INDEX_DIR = "_index"
 #: Rows scored per block: bounds the temporary float32 copy of a block, whatever N.
@@ -81,8 +81,7 @@ def build_index(run: str | Path, layers: list[int] | None = None, progress: bool
     man = store.manifest()
     if man.get("status") != "complete":
         raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
-    stored = man["head_layers"]
-    chosen = stored if layers is None else [l for l in layers if l in stored]
+    chosen = stored_head_layers(man, layers, run)
     pairs = [(l, h) for l in chosen for h in range(man["heads"])]
     built = 0
     for layer, head in tqdm(pairs, desc="index", unit="head", disable=not progress):

@@ -233,3 +233,19 @@ def test_fit_aspect_pads_extreme_images_only():
     assert out.size == (625, 5000) and out.getpixel((312, 2500)) == (200, 30, 30)
     assert out.getpixel((0, 0)) == (200, 30, 30)          # padded with the mean colour
     assert max(fit_aspect(Image.new("RGB", (5000, 3))).size) / min(fit_aspect(Image.new("RGB", (5000, 3))).size) <= MAX_ASPECT
+
+
+def test_commands_on_a_run_that_lacks_a_step_say_which(shapes_run, tmp_path, capsys):
+    """Labelling before TextSpan, or indexing and TextSpan on layers the run did not store: one line, nothing written."""
+    run, _ = shapes_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "texts.parquet").unlink()
+    before = sorted(p.name for p in copy.iterdir())
+    for args, message in ((["label", str(copy)], f"{copy} has no TextSpan texts yet: run `clip-atlas textspan {copy}` first"),
+                          (["index", str(copy), "--layers", "0"], "layers 0 were not stored in"),
+                          (["textspan", str(copy), "--layers", "0,1"], "layers 0, 1 were not stored in")):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert sorted(p.name for p in copy.iterdir()) == before

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..errors import AtlasError
 from ..heads import iter_head
-from ..store import LEGACY_FIELDS, RunStore, vectors
+from ..store import LEGACY_FIELDS, RunStore, stored_head_layers, vectors
 from ..maths.textspan import (PICK_FLOOR, STABILITY_K, UNSTABLE_BELOW, Moments, TextSpanResult, half_of, pick_overlap,
                         textspan_from_moments)
 
@@ -61,11 +61,7 @@ def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = D
         raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
     if m < 1 or rank < 1:
         raise AtlasError("--m and --rank must be positive")
-    stored = man["head_layers"]
-    chosen = stored if layers is None else resolve_layers(layers, man["layers"])
-    missing = sorted(set(chosen) - set(stored))
-    if missing:
-        raise AtlasError(f"layers {missing} were not stored in {run} (stored: {stored})")
+    chosen = stored_head_layers(man, None if layers is None else resolve_layers(layers, man["layers"]), run)
     store_dtype = man.get("store_dtype", LEGACY_FIELDS["store_dtype"])
     if pool == "auto":
         pool = default_pool(man.get("architecture", ""))
