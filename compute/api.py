@@ -94,6 +94,11 @@ def clean_text(text: str | None) -> str:
     return text
 
 
+def _check_count(value: int | None, name: str) -> None:
+    if value is not None and value < 0:
+        raise AtlasError(f"{name} must be 0 or more, got {value}")
+
+
 def open_run(path: str | Path) -> "Run":
     """A computed run (a folder with manifest.json), for querying."""
     path = Path(path).resolve()
@@ -235,6 +240,7 @@ class Run:
                                            "variance_explained", "stability"])
 
     def head(self, layer: int, head: int, k: int = 8) -> HeadView:
+        _check_count(k, "k")
         import pandas as pd
         self._check_head(layer, head)
         label = {(l, h): (p, c) for l, h, p, c in self.store.properties(self.info)}.get((layer, head), (None, None))
@@ -251,6 +257,7 @@ class Run:
     # ---- neighbours
     def neighbours(self, image: ImageLike, layer: int, head: int, k: int = 8) -> "pd.DataFrame":
         """Stored images whose contribution through (layer, head) is nearest (dot product) to the image's."""
+        _check_count(k, "k")
         self._check_head(layer, head)
         image_id, pil = self._resolve(image)
         if image_id is not None:
@@ -261,12 +268,14 @@ class Run:
 
     def text_neighbours(self, text: str, layer: int, head: int, k: int = 8) -> "pd.DataFrame":
         """Stored images whose contribution through (layer, head) points most along the text's embedding."""
+        _check_count(k, "k")
         self._check_head(layer, head)
         query = self.model.encode_texts([clean_text(text)])[0].float().cpu().numpy()
         return self._hits(self.store.head_top_k(self.info, layer, head, query, k=k))
 
     def property_neighbours(self, image: ImageLike, property: str, k: int = 4) -> "pd.DataFrame":
         """Stored images nearest by the mean contribution of the heads labelled `property`."""
+        _check_count(k, "k")
         names = self.store.property_names(self.info)
         if property not in names:
             raise AtlasError(f"no property vectors for {property!r} in {self.info.name} (have: {', '.join(names) or 'none'};"
@@ -294,6 +303,7 @@ class Run:
 
     def which_heads(self, image: ImageLike, text: str, k: int | None = None) -> list:
         """Every head's map for the text, ranked by its share of the total (maths.segment.HeadShare), top k."""
+        _check_count(k, "k")
         from .maths.segment import token_maps, which_heads
         maps = token_maps(self.model, self._pil(image), self._map_layers(None))
         return which_heads(maps, self.model.encode_texts([clean_text(text)])[0], k)
@@ -302,6 +312,7 @@ class Run:
     def describe(self, image: ImageLike, k: int = 10) -> Description:
         """The texts the image's head contributions express most: each stored head's contribution, centred by
         its mean over the run's images, projected on the head's TextSpan directions (maths/describe.py)."""
+        _check_count(k, "k")
         import pandas as pd
 
         from .maths.describe import rank_texts, span_scores
@@ -415,6 +426,7 @@ class Run:
     def neurons(self, layer: int | None = None, order: str = "mean_norm", limit: int = 50) -> "pd.DataFrame":
         """The neurons of one MLP layer (the first with a table when None), sorted by `order`: mean_norm,
         max_norm, direction_share, text_share or neuron."""
+        _check_count(limit, "limit")
         import pandas as pd
         layer = self._neuron_layer(layer)
         return pd.DataFrame(self.store.neurons(self.info, layer, order, limit), columns=list(self.store.NEURON_COLUMNS))
@@ -428,6 +440,7 @@ class Run:
     def search_neurons(self, text: str, k: int = 10, layer: int | None = None) -> "pd.DataFrame":
         """Neurons whose principal effect direction is closest (cosine) to the text's embedding, centred by the
         run's description pool mean when the run has one (every CLIP text shares that component)."""
+        _check_count(k, "k")
         import pandas as pd
         t = self.model.encode_texts([clean_text(text)])[0].float().cpu().numpy()
         pool = self.store.text_pool(self.info)
@@ -453,6 +466,7 @@ class Run:
 
     def neurons_through_head(self, layer: int, head: int, k: int = 10) -> "pd.DataFrame":
         """Neurons of earlier layers whose second-order effect flows mainly through head (layer, head)."""
+        _check_count(k, "k")
         import pandas as pd
         return pd.DataFrame(self.store.neurons_through_head(self.info, layer, head, k),
                             columns=list(self.store.NEURON_COLUMNS))

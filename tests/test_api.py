@@ -191,6 +191,9 @@ def test_errors_are_one_line(run, tmp_path):
         (lambda: run.intervene([(0, 1)]), "layer 0 is not stored"),
         (lambda: run.intervene([(5, 1)], template="a photo"), "needs a {}"),
         (lambda: run.segment(run.images().path[0], "x", without=[(7, 0)]), "outside a model"),
+        (lambda: run.neighbours(run.images().path[0], 5, 2, k=-1), "k must be 0 or more, got -1"),
+        (lambda: run.neurons(limit=-1), "limit must be 0 or more, got -1"),
+        (lambda: run.search_neurons("red", k=-3), "k must be 0 or more, got -3"),
     ]
     for call, message in cases:
         with pytest.raises(AtlasError, match=re.escape(message)) as e:
