@@ -85,6 +85,14 @@ def param(name: str, default=None, cast=str):
         return default
 
 
+def param_in(name: str, default, low, high, cast=int):
+    """A numeric query parameter clamped to [low, high]; the default when absent, malformed or NaN."""
+    value = param(name, default, cast)
+    if value != value:          # NaN
+        return default
+    return min(max(value, low), high)
+
+
 def set_params(**values) -> None:
     for k, v in values.items():
         if v is None:
@@ -192,7 +200,7 @@ def gallery_grid(s: Store, run: RunInfo, key: str) -> int | None:
         label = None if label == "All labels" else label
         total = s.gallery_count(run, label, search.strip() or None)
         pages = max(1, -(-total // GALLERY_PAGE))
-        page = c3.number_input(f"Page (of {pages})", 1, pages, min(max(1, param("gpage", 1, int)), pages),
+        page = c3.number_input(f"Page (of {pages})", 1, pages, param_in("gpage", 1, 1, pages),
                                key=f"{key}_gpage")
         set_params(glabel=label, gsearch=search.strip() or None, gpage=page if page > 1 else None)
         rows = s.gallery(run, limit=GALLERY_PAGE, offset=(page - 1) * GALLERY_PAGE, label=label,
@@ -286,7 +294,7 @@ DEFAULT_OPACITY = 0.55
 
 def pick_opacity() -> float:
     """The heatmaps' opacity over the image (sidebar slider, bound to ?alpha=)."""
-    wanted = min(max(param("alpha", DEFAULT_OPACITY, float), 0.0), 1.0)
+    wanted = param_in("alpha", DEFAULT_OPACITY, 0.0, 1.0, float)
     alpha = st.sidebar.slider("Heatmap opacity", 0.0, 1.0, wanted, 0.05, key="alpha")
     set_params(alpha=None if alpha == DEFAULT_OPACITY else alpha)
     return alpha

@@ -68,6 +68,22 @@ def test_every_page_renders_without_exception(store, page):
         assert "zz-partial" in warnings and "zz-broken" in warnings
 
 
+#: a hand-edited or truncated URL: every parameter any page reads, with values no control would produce
+GARBAGE = dict(a="", b="{}", ablate="99.99,x", alpha="nan", glabel="\x01", gpage="-3", gsearch="%_'\"", head="999",
+               heads="a,b", htext="", image="-1", k="-5", layer="-1", neuron="1e9", nlayer="x", ntext="", order="drop",
+               prop="??", property="", q="'; DROP TABLE x", run="../../etc", runs=",,,", src="nope", text="", tpl="{0} {1}")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_garbage_in_the_url_is_never_an_exception(store, page):
+    at = app(store, page, **GARBAGE)
+    assert not at.exception, at.exception
+    assert all("\n" not in e.value and "Traceback" not in e.value for e in at.error)
+    for slider in at.slider:      # out-of-range or NaN numbers fall back or are clamped into the control's range
+        if slider.key in ("alpha", "k", "dk"):
+            assert slider.value == {"alpha": 0.55, "k": 1, "dk": 3}[slider.key], slider.key
+
+
 def test_leaderboard_shows_runs_and_metrics(store):
     at = app(store)
     assert at.title[0].value == "Leaderboard"

@@ -2,12 +2,12 @@
 import streamlit as st
 
 from dashboard import charts
-from dashboard.common import api_run, download_csv, param, pick_image, set_params, show_errors, show_image, start_page
+from dashboard.common import api_run, download_csv, param_in, pick_image, set_params, show_errors, show_image, start_page
 
 s, run = start_page("Describe an image", need=("textspan",))
 api = api_run(s, run)
 with show_errors():
-    k = st.slider("Texts", 3, 30, min(max(param("k", 10, int), 3), 30), key="dk")
+    k = st.slider("Texts", 3, 30, param_in("k", 10, 3, 30), key="dk")
     set_params(k=k if k != 10 else None)
     img = pick_image(s, run, key="dimg")
     if img is not None:

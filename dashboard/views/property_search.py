@@ -1,7 +1,7 @@
 """Property-based nearest neighbours: images whose property heads say the same about them."""
 import streamlit as st
 
-from dashboard.common import api_run, param, pick_image, set_params, show_errors, show_hits, show_image, start_page
+from dashboard.common import api_run, param, param_in, pick_image, set_params, show_errors, show_hits, show_image, start_page
 
 s, run = start_page("Property search", need=("properties",))
 with show_errors():
@@ -11,7 +11,7 @@ with show_errors():
         st.stop()
     wanted = param("property", names[0])
     prop = st.sidebar.selectbox("Property", names, index=names.index(wanted) if wanted in names else 0, key="property")
-    k = st.sidebar.slider("Results", 1, 16, param("k", 4, int), key="k")
+    k = st.sidebar.slider("Results", 1, 16, param_in("k", 4, 1, 16), key="k")
     set_params(property=prop, k=k)
     heads = s.heads_with_property(run, prop)
     st.caption(f"{len(heads)} heads carry **{prop}**: " + ", ".join(f"L{l}H{h}" for l, h in heads))

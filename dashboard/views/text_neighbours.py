@@ -2,7 +2,7 @@
 import streamlit as st
 
 from compute.api import clean_text
-from dashboard.common import api_run, param, pick_head, set_params, show_errors, show_hits, start_page
+from dashboard.common import api_run, param, param_in, pick_head, set_params, show_errors, show_hits, start_page
 
 s, run = start_page("Text neighbours")
 with show_errors():
@@ -17,7 +17,7 @@ with show_errors():
             if cols[i % 5].button(text, key=f"sugg{i}"):
                 st.session_state.query_text = text
     text = st.text_input("Text", key="query_text")
-    k = st.slider("Results", 1, 24, param("k", 8, int), key="k")
+    k = st.slider("Results", 1, 24, param_in("k", 8, 1, 24), key="k")
     set_params(text=text or None, k=k)
     text = clean_text(text)
     hits = api_run(s, run).text_neighbours(text, layer, head, k=k)
