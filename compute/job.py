@@ -230,6 +230,7 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
         store.write_chunk(chunk, head_layers, dist.rank, cfg.store_dtype)
     bar.close()
     dist.barrier()
+    store.check_usable()        # on every rank, so none waits at the barrier below for a rank that stopped
     if dist.rank == 0:
         store.finish()
     dist.barrier()

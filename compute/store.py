@@ -200,6 +200,15 @@ class RunStore:
         write_json_atomic({"key": key, "rank": rank, "paths": chunk.paths, "skipped": chunk.skipped},
                           self.root / CHUNKS / f"{key}.json")
 
+    def check_usable(self) -> None:
+        """A run in which no image could be used is an error that says why (it stays partial)."""
+        markers = self.markers()
+        if any(m["paths"] for m in markers):
+            return
+        skipped = [s for m in markers for s in m["skipped"]]
+        why = f" (the first, {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+        raise AtlasError(f"none of the {len(skipped)} images could be used{why}; nothing to analyse in {self.root}")
+
     def finish(self) -> dict[str, Any]:
         markers = self.markers()
         skipped = [s for m in markers for s in m["skipped"]]

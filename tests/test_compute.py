@@ -249,3 +249,14 @@ def test_commands_on_a_run_that_lacks_a_step_say_which(shapes_run, tmp_path, cap
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and err.count("\n") == 1
     assert sorted(p.name for p in copy.iterdir()) == before
+
+
+def test_a_folder_of_unreadable_images_is_an_error_not_an_empty_run(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"x{i}.png").write_text("not a png")
+    assert main(["compute", "--model", MODEL, "--images", str(data), "--out", str(tmp_path / "run")]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]      # after the progress bar
+    assert last.startswith("error: none of the 3 images could be used (the first, x0.png: not an image")
+    assert RunStore(tmp_path / "run").manifest()["status"] == "partial"

@@ -98,6 +98,19 @@ def test_counts_and_templates_are_checked_before_any_work(shapes_dir, tmp_path, 
     assert not (tmp_path / "x.csv").exists()
 
 
+def test_eval_segmentation_with_no_readable_image_writes_nothing(shapes_dir, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "images" / name).write_text("not a png")
+        shutil.copy(shapes_dir / "masks" / "000000.png", tmp_path / "masks" / name)
+    (tmp_path / "labels.csv").write_text("path,label\nimages/a.png,red circle\nimages/b.png,red circle\n")
+    rc = main(["eval", "segmentation", "--model", MODEL, "--images", str(tmp_path / "images"), "--masks",
+               str(tmp_path / "masks"), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "x.csv")])
+    assert rc == 2 and capsys.readouterr().err.splitlines()[-1] == "error: no image could be scored: 2 bad image"
+    assert not (tmp_path / "x.csv").exists()
+
+
 # ---------------------------------------------------------------- ablation
 
 @pytest.fixture(scope="module")

@@ -216,6 +216,8 @@ def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[
             for heat, mask in zip(_upsample(grid, size), masks):
                 scores[m].add(heat, mask)
     bar.close()
+    if not any(sc.images for sc in scores.values()):
+        raise AtlasError("no image could be scored: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
     rows = [{"method": m, "images": scores[m].images, **scores[m].result(), "seconds": seconds[m]} for m in methods]
     return rows, skipped
 
