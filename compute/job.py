@@ -230,9 +230,9 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
         store.write_chunk(chunk, head_layers, dist.rank, cfg.store_dtype)
     bar.close()
     dist.barrier()
-    store.check_usable()        # on every rank, so none waits at the barrier below for a rank that stopped
+    markers = store.usable_markers()   # on every rank, so none waits at the barrier below for a rank that stopped
     if dist.rank == 0:
-        store.finish()
+        store.finish(markers)
     dist.barrier()
     dist.close()
     return {**store.manifest(), "rank": dist.rank}

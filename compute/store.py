@@ -200,17 +200,18 @@ class RunStore:
         write_json_atomic({"key": key, "rank": rank, "paths": chunk.paths, "skipped": chunk.skipped},
                           self.root / CHUNKS / f"{key}.json")
 
-    def check_usable(self) -> None:
-        """A run in which no image could be used is an error that says why (it stays partial)."""
+    def usable_markers(self) -> list[dict[str, Any]]:
+        """The chunk markers, when at least one image was stored; else an error that says why (the run stays
+        partial)."""
         markers = self.markers()
-        if any(m["paths"] for m in markers):
-            return
-        skipped = [s for m in markers for s in m["skipped"]]
-        why = f" (the first, {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
-        raise AtlasError(f"none of the {len(skipped)} images could be used{why}; nothing to analyse in {self.root}")
+        if not any(m["paths"] for m in markers):
+            skipped = [s for m in markers for s in m["skipped"]]
+            why = f" (the first, {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+            raise AtlasError(f"none of the {len(skipped)} images could be used{why}; nothing to analyse in {self.root}")
+        return markers
 
-    def finish(self) -> dict[str, Any]:
-        markers = self.markers()
+    def finish(self, markers: list[dict[str, Any]]) -> dict[str, Any]:
+        """Mark the run complete, from its chunk markers (`usable_markers`)."""
         skipped = [s for m in markers for s in m["skipped"]]
         return self.update_manifest(status="complete", image_count=sum(len(m["paths"]) for m in markers),
                                     skipped=skipped, finished_at=time.time())
