@@ -57,7 +57,7 @@ def whole_command(n: int) -> None:
                        check=True, capture_output=True)
         t = time.perf_counter()
         subprocess.run(exe + ["eval", "segmentation", "--model", "shapes", "--images", f"{d}/images", "--masks",
-                              f"{d}/masks", "--labels", f"{d}/labels.csv", "--out", f"{d}/out.csv"],
+                              f"{d}/masks", "--labels", f"{d}/objects.csv", "--out", f"{d}/out.csv"],
                        check=True, capture_output=True)
         wall = time.perf_counter() - t
     print(f"\n`clip-atlas eval segmentation`, all five methods, {n} Shapes images: {wall:.0f} s "

@@ -49,7 +49,7 @@ def _shapes_generate(a: argparse.Namespace) -> None:
     from .shapes.world import WorldSpec
     spec = WorldSpec(two_object_prob=0.0) if a.objects == "1" else WorldSpec()
     out = generate(a.n, a.seed, a.out, spec)
-    print(f"wrote {a.n} scenes to {out} (images/, masks/, labels.csv, scenes.parquet)")
+    print(f"wrote {a.n} scenes to {out} (images/, masks/, labels.csv, objects.csv, scenes.parquet)")
 
 
 def _eval_segmentation(a: argparse.Namespace) -> None:
@@ -59,16 +59,20 @@ def _eval_segmentation(a: argparse.Namespace) -> None:
     from .eval.segmentation import check_methods
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     check_methods(methods)
-    if not str(a.out).endswith((".parquet", ".csv")):
-        raise AtlasError(f"--out must end in .parquet or .csv: {a.out}")
+    for out in (a.out, a.per_image):
+        if out is not None and not str(out).endswith((".parquet", ".csv")):
+            raise AtlasError(f"--out and --per-image must end in .parquet or .csv: {out}")
     pairing = pair_examples(a.images, a.masks, a.labels, a.limit, need_labels=a.classes is None)
     loaded = load_model(a.model, device=pick_device(a.device))
+    per_image: list[dict] | None = [] if a.per_image else None
     rows, skipped = evaluate_segmentation(loaded, pairing, methods, template=a.template, layers=a.layers,
-                                          batch_size=a.batch_size, classes=a.classes)
+                                          batch_size=a.batch_size, classes=a.classes, per_image=per_image)
     print(format_rows(rows))
     if skipped:
         print("skipped: " + ", ".join(f"{v} ({k})" for k, v in sorted(skipped.items())))
     print(f"-> {write_rows(rows, a.out)}")
+    if per_image:
+        print(f"-> {write_rows(per_image, a.per_image)} (per image)")
 
 
 def _shapes_train(a: argparse.Namespace) -> None:
@@ -296,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--batch-size", type=POSITIVE, default=32)
     es.add_argument("--device", default="auto")
     es.add_argument("--out", required=True, help="results table, .parquet or .csv")
+    es.add_argument("--per-image", default=None, help="also each image's figures per method (path, text, method, "
+                                                      "pixel_accuracy, iou_foreground, ap, ap_paper), .parquet or .csv")
 
     ea = _command(evs, "ablation", "zero-shot accuracy by group with a property's heads mean-ablated", _eval_ablation)
     ea.add_argument("--model", required=True)

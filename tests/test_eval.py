@@ -52,6 +52,55 @@ def test_eval_segmentation_command(shapes_dir, tmp_path, capsys):
     assert "decomposition" in capsys.readouterr().out
 
 
+def test_generate_writes_object_phrases(shapes_dir):
+    """objects.csv names every object of a scene as the training captions do, and nothing of the background."""
+    scenes = pq.read_table(shapes_dir / "scenes.parquet").to_pylist()
+    texts = read_labels(shapes_dir / "objects.csv")
+    for sc in scenes[:12]:
+        objs = [f"{sc[f'obj{i}_size']} {sc[f'obj{i}_color']} {sc[f'obj{i}_pattern']} {sc[f'obj{i}_shape']} "
+                f"in the {sc[f'obj{i}_position']}" for i in range(1, sc["n_objects"] + 1)]
+        assert texts[sc["path"]] == " and a ".join(objs)
+        assert sc["background"] not in texts[sc["path"]]
+
+
+def test_shapes_decomposition_beats_attention_and_rollout(tmp_path):
+    """The issue's target, with the trained Shapes CLIP, on scenes no setting was chosen on.
+
+    Fixed before seed 207 was first run: 500 one-object scenes, texts from objects.csv, every other setting the
+    CLI's default; the decomposition's mIoU and mAP must both be above raw attention's and rollout's. The text
+    (the object as the captions name it) was chosen on seed 301 and validated once on seed 303 (docs/reproduce.md)."""
+    from compute.shapes.dataset import generate
+    from compute.shapes.world import WorldSpec
+    data = generate(500, seed=207, out=tmp_path / "seg", spec=WorldSpec(two_object_prob=0.0), progress=False)
+    pairing = pair_examples(data / "images", data / "masks", data / "objects.csv")
+    rows, _ = evaluate_segmentation(load_model("shapes"), pairing, ("decomposition", "attention", "rollout"),
+                                    progress=False)
+    got = {r["method"]: r for r in rows}
+    for metric in ("miou", "map"):
+        for other in ("attention", "rollout"):
+            assert got["decomposition"][metric] > got[other][metric], (metric, other, rows)
+
+
+def test_per_image_figures_add_up_to_the_table(shapes_dir, tmp_path):
+    """--per-image: a row per image and method whose APs average to the table's mAP."""
+    out, per = tmp_path / "seg.csv", tmp_path / "per.parquet"
+    assert main(["eval", "segmentation", "--model", MODEL, "--images", str(shapes_dir / "images"),
+                 "--masks", str(shapes_dir / "masks"), "--labels", str(shapes_dir / "objects.csv"),
+                 "--methods", "decomposition,rollout", "--limit", "10", "--out", str(out),
+                 "--per-image", str(per)]) == 0
+    table = {r["method"]: r for r in csv.DictReader(open(out))}
+    rows = pq.read_table(per).to_pandas()
+    assert len(rows) == 20 and set(rows["method"]) == {"decomposition", "rollout"}
+    texts = read_labels(shapes_dir / "objects.csv")
+    assert all(texts[f"images/{p.rsplit('/', 1)[1]}"] == t for p, t in zip(rows["path"], rows["text"]))
+    for m, g in rows.groupby("method"):
+        assert g["ap"].mean() == pytest.approx(float(table[m]["map"]))
+        assert g["ap_paper"].mean() == pytest.approx(float(table[m]["map_paper"]))
+        assert ((g["iou_foreground"] >= 0) & (g["iou_foreground"] <= 1)).all()
+    assert main(["eval", "segmentation", "--model", MODEL, "--images", str(shapes_dir / "images"),
+                 "--masks", str(shapes_dir / "masks"), "--out", str(out), "--per-image", "x.txt"]) == 2
+
+
 def test_eval_segmentation_counts_missing_and_bad_masks(shapes_dir, tmp_path, loaded):
     masks = tmp_path / "masks"
     shutil.copytree(shapes_dir / "masks", masks)

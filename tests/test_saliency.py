@@ -30,7 +30,8 @@ def test_perfect_map_scores_one():
     mask = np.zeros((16, 16), bool)
     mask[4:9, 3:12] = True
     s = SegmentationScores()
-    s.add(mask.astype(float) * 3 + 1, mask)
+    assert s.add(mask.astype(float) * 3 + 1, mask) == {"pixel_accuracy": 1.0, "iou_foreground": 1.0, "ap": 1.0,
+                                                       "ap_paper": 1.0}
     assert s.result() == {"pixel_accuracy": 1.0, "miou": 1.0, "map": 1.0, "map_paper": 1.0}
 
 
@@ -77,7 +78,8 @@ def test_iou_accumulates_over_images():
     b[:, :4] = True
     s = SegmentationScores()
     s.add(a.astype(float), a)                   # perfect
-    s.add(np.fliplr(b).astype(float), b)       # exactly wrong
+    wrong = s.add(np.fliplr(b).astype(float), b)       # exactly wrong
+    assert wrong["pixel_accuracy"] == 0 and wrong["iou_foreground"] == 0
     r = s.result()
     assert r["pixel_accuracy"] == pytest.approx(16 / 80)
     # background: inter 8 + 0, union 8 + 64; foreground: inter 8 + 0, union 8 + 64

@@ -155,10 +155,12 @@ def decomposition_maps(loaded: LoadedModel, pixels: torch.Tensor, directions: to
 
 def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[str, ...] = METHODS,
                           template: str | None = None, layers: str = "all", batch_size: int = 32,
-                          classes: str | None = None, progress: bool = True) -> tuple[list[dict], dict[str, int]]:
+                          classes: str | None = None, progress: bool = True,
+                          per_image: list[dict] | None = None) -> tuple[list[dict], dict[str, int]]:
     """(one row per method: method, images, pixel_accuracy, miou, map, map_paper, seconds spent in its maps;
     skipped examples per reason). With `classes`, each image's text is the model's zero-shot prediction among
-    them (ImageNet-Segmentation has no labels: the papers use the predicted class), else its label."""
+    them (ImageNet-Segmentation has no labels: the papers use the predicted class), else its label.
+    A `per_image` list receives a row per image and method: path, text, method and that image's figures."""
     check_methods(methods)
     token_layers = resolve_layers(layers, loaded.info.layers)
     if classes is not None:
@@ -177,7 +179,7 @@ def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[
     visual = loaded.model.visual
     bar = tqdm(total=len(pairing.examples), desc="segment", unit="img", disable=not progress)
     for i in range(0, len(pairing.examples), batch_size):
-        pix, masks, texts = [], [], []
+        pix, masks, texts, paths = [], [], [], []
         for ex in pairing.examples[i:i + batch_size]:
             try:
                 img = load_image(ex.image)
@@ -191,6 +193,7 @@ def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[
                 continue
             pix.append(loaded.preprocess(img))
             texts.append(ex.label)
+            paths.append(ex.image.as_posix())
         bar.update(min(batch_size, len(pairing.examples) - i))
         if not pix:
             continue
@@ -213,8 +216,10 @@ def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[
             for m in base:   # one traced pass serves all baselines: its time is shared equally
                 seconds[m] += (time.perf_counter() - t0) / len(base)
         for m, grid in maps.items():
-            for heat, mask in zip(_upsample(grid, size), masks):
-                scores[m].add(heat, mask)
+            for heat, mask, path, text in zip(_upsample(grid, size), masks, paths, texts):
+                figures = scores[m].add(heat, mask)
+                if per_image is not None:
+                    per_image.append({"path": path, "text": text, "method": m, **figures})
     bar.close()
     if not any(sc.images for sc in scores.values()):
         raise AtlasError("no image could be scored: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))

@@ -57,23 +57,28 @@ class SegmentationScores:
         self.paper_aps: list[float] = []
         self.n = 0
 
-    def add(self, heat: np.ndarray, mask: np.ndarray) -> None:
+    def add(self, heat: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+        """Scores one image into the totals; returns its own figures (pixel_accuracy, iou_foreground, ap, ap_paper)."""
         if heat.shape != mask.shape:
             raise ValueError(f"heatmap {heat.shape} and mask {mask.shape} differ in size")
         mask = mask.astype(bool)
         self.n += 1
         pred = heat > heat.mean()
-        self.correct += int((pred == mask).sum())
+        correct = int((pred == mask).sum())
+        self.correct += correct
         self.pixels += mask.size
         for c, (p, m) in enumerate(((~pred, ~mask), (pred, mask))):
-            self.inter[c] += int((p & m).sum())
-            self.union[c] += int((p | m).sum())
-        ap = average_precision(heat, mask)
+            inter, union = int((p & m).sum()), int((p | m).sum())
+            self.inter[c] += inter
+            self.union[c] += union
+        ap, ap_paper = average_precision(heat, mask), paper_average_precision(heat, mask)
         if not np.isnan(ap):
             self.aps.append(ap)
-        ap = paper_average_precision(heat, mask)
-        if not np.isnan(ap):
-            self.paper_aps.append(ap)
+        if not np.isnan(ap_paper):
+            self.paper_aps.append(ap_paper)
+        # inter and union are the foreground's: the loop ends on it
+        return {"pixel_accuracy": correct / mask.size, "iou_foreground": inter / union if union else float("nan"),
+                "ap": ap, "ap_paper": ap_paper}
 
     @property
     def images(self) -> int:

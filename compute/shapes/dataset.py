@@ -2,6 +2,9 @@
 
     DIR/images/NNNNNN.png
     DIR/labels.csv        path,label   (label: '<colour> <shape>' of the first object; picked up by compute)
+    DIR/objects.csv       path,label   (label: every object named as the training captions name it, without the
+                                        background: 'large red striped circle in the top left'; the text for
+                                        `clip-atlas eval segmentation --labels`, see docs/reproduce.md)
     DIR/scenes.parquet    path, caption, background, n_objects, obj{1,2}_{color,shape,pattern,size,position}
     DIR/masks/NNNNNN.png  the same mask as an 8-bit PNG per image (non-zero = foreground), the layout
                           `clip-atlas eval segmentation --masks` reads
@@ -20,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import AtlasError
-from .world import Renderer, WorldSpec, caption, scene_record
+from .world import Renderer, WorldSpec, caption, objects_phrase, scene_record
 
 
 def generate(n: int, seed: int, out: str | Path, spec: WorldSpec | None = None, progress: bool = True) -> Path:
@@ -32,7 +35,7 @@ def generate(n: int, seed: int, out: str | Path, spec: WorldSpec | None = None, 
     spec = spec or WorldSpec()
     rng = random.Random(seed)
     renderer = Renderer(seed)
-    records, masks, labels = [], np.zeros((n, 64, 64), np.uint8), []
+    records, masks, labels, objects = [], np.zeros((n, 64, 64), np.uint8), [], []
     for i in tqdm(range(n), desc="generate", unit="scene", disable=not progress):
         scene = spec.sample(rng)
         img, mask = renderer.render(scene, rng)
@@ -43,12 +46,14 @@ def generate(n: int, seed: int, out: str | Path, spec: WorldSpec | None = None, 
         rec = {"path": rel, "caption": caption(scene, rng, full=rng.random() < 0.5), **scene_record(scene)}
         records.append(rec)
         labels.append((rel, f"{scene.objects[0].color} {scene.objects[0].shape}"))
+        objects.append((rel, objects_phrase(scene)))
     pq.write_table(pa.Table.from_pylist(records), out / "scenes.parquet")
     np.save(out / "masks.npy", masks)
-    with open(out / "labels.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        w.writerows(labels)
+    for name, rows in (("labels.csv", labels), ("objects.csv", objects)):
+        with open(out / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label"])
+            w.writerows(rows)
     return out
 
 

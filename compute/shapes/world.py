@@ -279,10 +279,15 @@ def caption(scene: Scene, rng: random.Random, full: bool = True) -> str:
     return text.replace("a a ", "a ").strip()
 
 
+def objects_phrase(scene: Scene) -> str:
+    """The scene's objects named as the training captions name them ('large red striped circle in the top left'),
+    without the background: the text of what a Shapes mask covers."""
+    return " and a ".join(describe(o, None) for o in scene.objects)
+
+
 def canonical_caption(scene: Scene) -> str:
     """One fixed caption naming every attribute (used for evaluation)."""
-    objs = " and a ".join(describe(o, None) for o in scene.objects)
-    return f"a {objs} on {scene.background}"
+    return f"a {objects_phrase(scene)} on {scene.background}"
 
 
 def attribute_prompt(attr: str, value: str) -> str:
