@@ -11,8 +11,24 @@ from .errors import AtlasError
 DEFAULT_STORE = "artifacts"
 
 
+def _check_out(path: str | Path | None, kind: str = "file") -> None:
+    """Refuses, before any work, an output that cannot be created: a folder where a file goes (or the reverse),
+    or a parent folder that is a file."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and p.is_dir() != (kind == "folder"):
+        raise AtlasError(f"{p} is a {'file' if kind == 'folder' else 'folder'}: give a {kind} path")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise AtlasError(f"cannot write {p}: {parent} is a file, not a folder")
+            break
+
+
 def _compute(a: argparse.Namespace) -> None:
     from .job import ComputeConfig, run_compute
+    _check_out(a.out, "folder")
     m = run_compute(ComputeConfig(model=a.model, images=a.images, out=a.out, layers=a.layers,
                                   batch_size=a.batch_size, device=a.device, limit=a.limit, labels=a.labels,
                                   chunk_size=a.chunk_size, precision=a.precision, workers=a.workers,
@@ -28,6 +44,7 @@ def _eval_ablation(a: argparse.Namespace) -> None:
     from .store import write_json_atomic
     if not str(a.out).endswith(".json"):
         raise AtlasError(f"--out must end in .json: {a.out}")
+    _check_out(a.out)
     data = read_grouped_set(a.images, a.groups, a.classes)
     loaded = load_model(a.model, device=pick_device(a.device))
     report = run_ablation(loaded, data, a.ablate, a.run, random_k=a.random, seed=a.seed, mean_from=a.mean_from)
@@ -48,6 +65,7 @@ def _shapes_generate(a: argparse.Namespace) -> None:
     from .shapes.dataset import generate
     from .shapes.world import WorldSpec
     spec = WorldSpec(two_object_prob=0.0) if a.objects == "1" else WorldSpec()
+    _check_out(a.out, "folder")
     out = generate(a.n, a.seed, a.out, spec)
     print(f"wrote {a.n} scenes to {out} (images/, masks/, labels.csv, objects.csv, scenes.parquet)")
 
@@ -62,6 +80,7 @@ def _eval_segmentation(a: argparse.Namespace) -> None:
     for out in (a.out, a.per_image):
         if out is not None and not str(out).endswith((".parquet", ".csv")):
             raise AtlasError(f"--out and --per-image must end in .parquet or .csv: {out}")
+        _check_out(out)
     pairing = pair_examples(a.images, a.masks, a.labels, a.limit, need_labels=a.classes is None)
     loaded = load_model(a.model, device=pick_device(a.device))
     per_image: list[dict] | None = [] if a.per_image else None
@@ -79,11 +98,13 @@ def _shapes_train(a: argparse.Namespace) -> None:
     from .models import SHAPES_WEIGHTS
     from .shapes.train import TrainConfig, train
     cfg = TrainConfig(steps=a.steps, seed=a.seed)
+    _check_out(a.out)
     train(cfg, Path(a.out) if a.out else SHAPES_WEIGHTS)
 
 
 def _shapes_spurious(a: argparse.Namespace) -> None:
     from .shapes.spurious import format_table, run_spurious
+    _check_out(a.out, "folder")
     report = run_spurious(a.out, seed=a.seed, n_store=a.n, n_test=a.test, random_k=a.random, retrain=a.retrain)
     print(format_table(report))
     print(f"-> {Path(a.out) / 'ablation.json'}")
@@ -97,6 +118,7 @@ def _shapes_eval(a: argparse.Namespace) -> None:
 
 def _shapes_validate(a: argparse.Namespace) -> None:
     from .shapes.validate import format_report, validate
+    _check_out(a.out, "folder")
     report = validate(a.out, seeds=a.seeds, n=a.n, seed_base=a.seed_base)
     print(format_report(report))
     print(f"report: {Path(a.out) / 'report.json'}")
@@ -131,6 +153,7 @@ def _neurons(a: argparse.Namespace) -> None:
 
 def _report(a: argparse.Namespace) -> None:
     from .jobs.report import write_report
+    _check_out(a.out)
     print(f"report: {write_report(a.run, a.out)}")
 
 
@@ -158,6 +181,7 @@ def _leaderboard(a: argparse.Namespace) -> None:
 
 def _demo(a: argparse.Namespace) -> None:
     from .demo import run_demo
+    _check_out(a.store, "folder")
     run_demo(store=a.store, n=a.n, serve=not a.no_serve, port=a.port)
 
 
@@ -311,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     ea.add_argument("--ablate", default=None, help="a property of --run's labels (e.g. background) or heads L.H,L.H")
     ea.add_argument("--run", default=None, help="a labelled run of the same model (for a property, or --mean-from run)")
     ea.add_argument("--random", type=NONNEGATIVE, default=5, help="random ablations of as many heads (the best is reported)")
-    ea.add_argument("--seed", type=int, default=0, help="seed of the random ablations")
+    ea.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random ablations")
     ea.add_argument("--mean-from", default="eval", choices=["eval", "run"],
                     help="replace ablated heads by their mean over the evaluated images (default, as the paper) or the run's")
     ea.add_argument("--device", default="auto")
@@ -322,24 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shapes", help="the Shapes world: generate, train, eval").add_subparsers(dest="shapes_cmd", required=True)
     g = _command(s, "generate", "write a folder of scenes", _shapes_generate)
     g.add_argument("--n", type=POSITIVE, default=2000)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=NONNEGATIVE, default=0)
     g.add_argument("--out", required=True)
     g.add_argument("--objects", default="mixed", choices=["mixed", "1"],
                    help="mixed (default: one or two objects, as in training) | 1 (one object a scene, for segmentation)")
     t = _command(s, "train", "train the Shapes CLIP (CPU, about an hour)", _shapes_train)
     t.add_argument("--steps", type=POSITIVE, default=2000)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=NONNEGATIVE, default=0)
     t.add_argument("--out", default=None, help="weights file (default: the bundled one)")
     _command(s, "eval", "ground-truth evaluation of a run computed on a Shapes dataset", _shapes_eval, run=True)
     v = _command(s, "validate", "the whole pipeline with defaults on fresh seeds, scored against ground truth",
                  _shapes_validate)
     v.add_argument("--seeds", type=POSITIVE, default=3)
     v.add_argument("--n", type=POSITIVE, default=2000, help="scenes per seed")
-    v.add_argument("--seed-base", type=int, default=101, help="first seed (training, demo and tuning used 0 and 11-13)")
+    v.add_argument("--seed-base", type=NONNEGATIVE, default=101, help="first seed (training, demo and tuning used 0 and 11-13)")
     v.add_argument("--out", default="artifacts/shapes-validate")
     sp = _command(s, "spurious", "Waterbirds on Shapes: ablate the background heads of a model with a spurious cue",
                   _shapes_spurious)
-    sp.add_argument("--seed", type=int, default=1,
+    sp.add_argument("--seed", type=NONNEGATIVE, default=1,
                     help="seed of the scenes for its store and of the balanced test set (fine-tuning used 0)")
     sp.add_argument("--n", type=POSITIVE, default=2000, help="scenes in the store TextSpan and labels read")
     sp.add_argument("--test", type=POSITIVE, default=1000, help="balanced test images (class x background)")
@@ -364,6 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     except AtlasError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:           # the file system said no (disk full, permissions, a path taken): one line, not a traceback
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (a compute job keeps its finished chunks: the same command resumes from them)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

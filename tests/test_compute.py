@@ -109,6 +109,38 @@ def test_bad_input_is_one_line(shapes_dir, tmp_path, capsys, args, message):
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["compute", "--model", MODEL, "--images", "{data}", "--out", "{file}"], "is a file: give a folder path"),
+    (["shapes", "generate", "--n", "3", "--out", "{file}/sub"], "is a file, not a folder"),
+    (["shapes", "generate", "--n", "3", "--seed", "-1", "--out", "{tmp}/g"], "--seed: must be at least 0"),
+    (["eval", "segmentation", "--model", MODEL, "--images", "{data}/images", "--masks", "{data}/masks",
+      "--out", "{file}/seg.csv"], "is a file, not a folder"),
+    (["eval", "segmentation", "--model", MODEL, "--images", "{data}/images", "--masks", "{data}/masks",
+      "--out", "{tmp}", "--per-image", "{tmp}/p.csv"], "must end in .parquet or .csv"),
+    (["eval", "segmentation", "--model", MODEL, "--images", "{data}/images", "--masks", "{data}/masks",
+      "--out", "{tmp}/seg.csv", "--per-image", "{tmp}/folder.csv"], "is a folder: give a file path"),
+])
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(shapes_dir, tmp_path, capsys, argv, message):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "folder.csv").mkdir()
+    argv = [a.format(data=shapes_dir, file=tmp_path / "file", tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_file_system_refusals_are_one_line(monkeypatch, capsys):
+    """Whatever the file system refuses mid-job (disk full, permissions) ends in one line, not a traceback."""
+    import compute.jobs.report as report
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", "/data/run/report.html")
+    monkeypatch.setattr(report, "write_report", full_disk)
+    assert main(["report", "some-run"]) == 2
+    assert capsys.readouterr().err.strip() == "error: No space left on device: /data/run/report.html"
+
+
 def test_rerun_resumes_after_kill_9(shapes_dir, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "compute.cli", "compute", "--model", MODEL, "--images", str(shapes_dir),
