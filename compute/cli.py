@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--model", required=True, help="NAME[:TAG], e.g. shapes, ViT-B-16:laion2b_s34b_b88k")
     es.add_argument("--images", required=True, help="folder of images (any tree)")
     es.add_argument("--masks", required=True, help="folder of PNG masks at the images' relative paths (non-zero = foreground)")
-    es.add_argument("--labels", default=None, help="path,label CSV, paths relative to the CSV's folder (default: subfolder names)")
+    es.add_argument("--labels", default=None, help="path,label CSV, paths relative to the CSV's folder (default: subfolder "
+                                                   "names); for a Shapes folder, DIR/objects.csv (docs/reproduce.md)")
     es.add_argument("--methods", default=",".join(SEG_METHODS), help=f"comma list of {', '.join(SEG_METHODS)}")
     es.add_argument("--classes", default=None, help="imagenet | a label,prompt CSV: use the model's predicted class "
                                                     "among these as each image's text (the papers' ImageNet-Segmentation protocol)")
