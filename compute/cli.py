@@ -81,6 +81,8 @@ def _eval_segmentation(a: argparse.Namespace) -> None:
         if out is not None and not str(out).endswith((".parquet", ".csv")):
             raise AtlasError(f"--out and --per-image must end in .parquet or .csv: {out}")
         _check_out(out)
+    if a.per_image and Path(a.per_image).resolve() == Path(a.out).resolve():
+        raise AtlasError("--per-image must be another file than --out")
     pairing = pair_examples(a.images, a.masks, a.labels, a.limit, need_labels=a.classes is None)
     loaded = load_model(a.model, device=pick_device(a.device))
     per_image: list[dict] | None = [] if a.per_image else None

@@ -119,6 +119,8 @@ def test_bad_input_is_one_line(shapes_dir, tmp_path, capsys, args, message):
       "--out", "{tmp}", "--per-image", "{tmp}/p.csv"], "must end in .parquet or .csv"),
     (["eval", "segmentation", "--model", MODEL, "--images", "{data}/images", "--masks", "{data}/masks",
       "--out", "{tmp}/seg.csv", "--per-image", "{tmp}/folder.csv"], "is a folder: give a file path"),
+    (["eval", "segmentation", "--model", MODEL, "--images", "{data}/images", "--masks", "{data}/masks",
+      "--out", "{tmp}/seg.csv", "--per-image", "{tmp}/seg.csv"], "another file than --out"),
 ])
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(shapes_dir, tmp_path, capsys, argv, message):
     (tmp_path / "file").write_text("not a folder")
