@@ -17,7 +17,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import median, peak_rss_of, timeit, verdict  # noqa: E402
 from compute.maths.decompose import Decomposer, resolve_layers  # noqa: E402
-from compute.job import stack_components  # noqa: E402
 from compute.models import load_model  # noqa: E402
 
 
@@ -34,7 +33,7 @@ def throughput(spec: str, batch: int, repeat: int) -> None:
 
     def decompose():
         d = store_path(x)
-        stack_components(d)
+        d.components().float().cpu().numpy()
         d.heads.numpy()
 
     def maps():

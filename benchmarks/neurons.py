@@ -39,7 +39,7 @@ def naive_effects(so: SecondOrder, x: torch.Tensor, neurons: range) -> torch.Ten
         centred = write - write.mean(-1, keepdim=True)
         total = 0
         for k, (l, h) in enumerate(so.heads):
-            blk = dec.blocks[l]
+            blk = dec.tower.blocks[l]
             lin = centred * blk.ln_1.weight.to(fd)                               # / sigma is inside token_weights
             v = lin @ blk.attn.in_proj_weight[2 * W + h * hd: 2 * W + (h + 1) * hd].to(fd).T   # [B, N, hd]
             pooled = torch.einsum("bi,bik->bk", b.token_weights[:, k], v)

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import median, p, timeit, verdict  # noqa: E402
-from compute.store import RunStore, vectors, write_table_atomic  # noqa: E402
+from compute.store.layout import RunStore, vectors, write_table_atomic  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -46,13 +46,13 @@ def synthetic_store(n: int, heads: int, dim: int) -> Path:
 
 
 def topk_benchmark(run: Path, repeat: int) -> None:
-    from compute.query import Store
+    from compute.store.query import Store
     store = Store(run.parent)
     info = store.run(run.name)
     rng = np.random.default_rng(1)
     layer, head = 11, 3
     # numpy baseline: the same head's matrix, pre-normalised, in memory
-    from compute.heads import read_head
+    from compute.store.readers import read_head
     _, M = read_head(RunStore(run), layer, head)
     M = M / np.linalg.norm(M, axis=1, keepdims=True)
     queries = [rng.standard_normal(M.shape[1]).astype(np.float32) for _ in range(repeat)]

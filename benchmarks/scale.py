@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import median, p, peak_rss_of, verdict  # noqa: E402
-from compute.store import Chunk, RunStore  # noqa: E402
+from compute.store.layout import Chunk, RunStore  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "scale"
 LAYERS, HEADS, D, HEAD_LAYERS = 12, 12, 512, [8, 9, 10, 11]
@@ -33,7 +33,7 @@ CHUNK = 1000
 
 def synthetic_run(n: int, head_layers: list[int] = HEAD_LAYERS, heads: int = HEADS) -> Path:
     """A complete run of n images in the real layout (written once, reused)."""
-    from compute.job import component_layout
+    from compute.maths.decompose import component_layout
     run = CACHE / f"run-{n}-{len(head_layers)}x{heads}" / "synthetic"
     if (run / "manifest.json").is_file() and RunStore(run).manifest().get("status") == "complete":
         return run
@@ -92,7 +92,7 @@ def retrieval_run(n: int) -> Path:
     would be 78 GB), with the manifest the query layer needs."""
     import pyarrow as pa
 
-    from compute.store import vectors, write_table_atomic
+    from compute.store.layout import vectors, write_table_atomic
     run = CACHE / f"retrieval-{n}" / "synthetic"
     if (run / "manifest.json").is_file():
         return run
@@ -117,8 +117,8 @@ def retrieval_run(n: int) -> Path:
 
 
 def retrieval(sizes: list[int], repeat: int = 20) -> None:
-    from compute.query import Store
-    from compute.vindex import build_head_index
+    from compute.store.query import Store
+    from compute.store.index import build_head_index
     print(f"\nPer-head retrieval, top-10 by dot product, D {D} (exact):")
     rng = np.random.default_rng(1)
     queries = rng.standard_normal((repeat, D)).astype(np.float32)
@@ -130,7 +130,7 @@ def retrieval(sizes: list[int], repeat: int = 20) -> None:
         # the first query in a fresh process (index files may be in the OS page cache: they were just written)
         first = subprocess.run([sys.executable, "-c", (
             "import sys, time, numpy as np; sys.path.insert(0, '.')\n"
-            "from compute.query import Store\n"
+            "from compute.store.query import Store\n"
             f"s = Store({str(run.parent)!r}); info = s.run('synthetic'); q = np.ones({D}, np.float32)\n"
             "t = time.perf_counter(); s.head_top_k(info, 11, 0, q, k=10); print(time.perf_counter() - t)")],
             capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
@@ -144,7 +144,7 @@ def retrieval(sizes: list[int], repeat: int = 20) -> None:
             ours.append(time.perf_counter() - t)
         line = f"  {n:>9,} images: index built in {build:5.1f} s; first query {first_s:5.2f} s; p50 {1e3 * median(ours):6.1f} ms, p95 {1e3 * p(ours, 0.95):6.1f} ms"
         if n <= 200_000:
-            from compute.heads import read_head
+            from compute.store.readers import read_head
             _, M = read_head(RunStore(run), 11, 0)
             M = M / np.linalg.norm(M, axis=1, keepdims=True)               # the baseline: pre-normalised, in memory
             base = []
@@ -164,7 +164,7 @@ def retrieval(sizes: list[int], repeat: int = 20) -> None:
 
 def shapes_eval_memory(sizes: list[int]) -> None:
     """`clip-atlas shapes eval` needs a Shapes dataset: real scenes computed with the Shapes CLIP."""
-    from compute.job import ComputeConfig, run_compute
+    from compute.jobs.compute import ComputeConfig, run_compute
     from compute.shapes.dataset import generate
     print("\nPeak RSS of `clip-atlas shapes eval` (Shapes CLIP, last 4 layers x 8 heads, D 128):")
     peaks = {}

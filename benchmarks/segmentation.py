@@ -38,8 +38,8 @@ def per_method(spec: str, batch: int, repeat: int) -> None:
             loaded.model.encode_image(x)
 
     paths = {"decomposition": lambda: decomposition_maps(loaded, x, texts, layers),
-             "attention + rollout (one traced pass)": lambda: baseline_maps(loaded.model.visual, x, texts, ("attention", "rollout")),
-             "gradcam + chefer (forward + backward)": lambda: baseline_maps(loaded.model.visual, x, texts, ("gradcam", "chefer"))}
+             "attention + rollout (one traced pass)": lambda: baseline_maps(loaded.tower, x, texts, ("attention", "rollout")),
+             "gradcam + chefer (forward + backward)": lambda: baseline_maps(loaded.tower, x, texts, ("gradcam", "chefer"))}
     base = median(timeit(plain, repeat))
     print(f"\n{spec}: batch {batch}, plain forward {1e3 * base / batch:.1f} ms/image")
     for name, fn in paths.items():

@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import AtlasError
-from .images import BadImage, load_image
-from .maths.decompose import Decomposition, resolve_layers
-from .models import LoadedModel, load_model
-from .query import RunInfo, Store, full_path
-from .store import MANIFEST
-from .texts import fill_template
+from compute.errors import AtlasError
+from compute.images import BadImage, load_image
+from compute.maths.decompose import Decomposition, resolve_layers
+from compute.models import LoadedModel, load_model
+from compute.store.query import RunInfo, Store, full_path
+from compute.store.layout import MANIFEST
+from compute.texts import fill_template
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -51,7 +51,7 @@ MAX_TEXT_CHARS = 300
 
 def load(model_spec: str, device: str = "auto") -> LoadedModel:
     """A model by spec (`clip-atlas models` lists the names), on the GPU when there is one."""
-    from .job import pick_device
+    from compute.runtime import pick_device
     return load_model(model_spec, pick_device(device))
 
 
@@ -295,7 +295,7 @@ class Run:
                 without: list[tuple[int, int]] | None = None) -> np.ndarray:
         """Per patch, the direct contributions of `heads` (all heads of all layers when None), less those of
         `without`, dotted with the text's embedding: [grid_h, grid_w]."""
-        from .maths.segment import heatmap, token_maps
+        from compute.maths.segment import heatmap, token_maps
         if without:
             self._map_layers(without)
         maps = token_maps(self.model, self._pil(image), self._map_layers(heads))
@@ -304,7 +304,7 @@ class Run:
     def which_heads(self, image: ImageLike, text: str, k: int | None = None) -> list:
         """Every head's map for the text, ranked by its share of the total (maths.segment.HeadShare), top k."""
         _check_count(k, "k")
-        from .maths.segment import token_maps, which_heads
+        from compute.maths.segment import token_maps, which_heads
         maps = token_maps(self.model, self._pil(image), self._map_layers(None))
         return which_heads(maps, self.model.encode_texts([clean_text(text)])[0], k)
 
@@ -315,7 +315,7 @@ class Run:
         _check_count(k, "k")
         import pandas as pd
 
-        from .maths.describe import rank_texts, span_scores
+        from compute.maths.describe import rank_texts, span_scores
         picks = self.store.textspan_directions(self.info)
         if not picks:
             raise AtlasError(f"{self.info.name} has no TextSpan texts; `clip-atlas textspan RUN` writes them")
@@ -336,8 +336,8 @@ class Run:
         the store, no forward pass: see eval/ablation.py for why the scores are e . t - sum (c_h - mu_h) . t."""
         import pandas as pd
 
-        from .eval.ablation import accuracy
-        from .eval.segmentation import default_template
+        from compute.eval.ablation import accuracy
+        from compute.eval.segmentation import default_template
         heads = self._ablation_heads(heads)
         template = template or default_template(self.model)
         labelled = [(i, lab) for i, _, lab in self.store.gallery(self.info, limit=self.store.image_count(self.info))
@@ -364,8 +364,8 @@ class Run:
     def _stored_scores(self, heads: list[tuple[int, int]], T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image_ids sorted, embedding . T [N, C], each head's contribution . T [len(heads), N, C]), streamed
         over the run's chunks: memory is classes-wide, not D-wide."""
-        from .heads import iter_chunks
-        from .store import RunStore
+        from compute.store.readers import iter_chunks
+        from compute.store.layout import RunStore
         ids, base, per = [], [], []
         for chunk in iter_chunks(RunStore(self.info.path), heads):
             ids.append(chunk.ids)
@@ -417,7 +417,7 @@ class Run:
     def contrast(self, image: ImageLike, text_a: str, text_b: str,
                  heads: list[tuple[int, int]] | None = None) -> np.ndarray:
         """The map for A minus the map for B: positive where the image speaks for A rather than B."""
-        from .maths.segment import contrastive, token_maps
+        from compute.maths.segment import contrastive, token_maps
         maps = token_maps(self.model, self._pil(image), self._map_layers(heads))
         t = self.model.encode_texts([clean_text(text_a), clean_text(text_b)])
         return contrastive(maps, t[0], t[1], heads)[0]
@@ -474,7 +474,7 @@ class Run:
     def neuron_map(self, image: ImageLike, layer: int, neuron: int, text: str | None = None) -> np.ndarray:
         """[grid_h, grid_w]: per patch, the neuron's second-order effect (through every later head) projected on
         its principal direction, or on a text's embedding when `text` is given. Computed live."""
-        from .maths.neurons import SecondOrder
+        from compute.maths.neurons import SecondOrder
         layer = self._neuron_layer(layer)
         if text is None:
             ids, dirs = self.store.neuron_directions(self.info, layer)

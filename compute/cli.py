@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import AtlasError
+from compute.errors import AtlasError
 
 DEFAULT_STORE = "artifacts"
 
@@ -27,7 +27,7 @@ def _check_out(path: str | Path | None, kind: str = "file") -> None:
 
 
 def _compute(a: argparse.Namespace) -> None:
-    from .job import ComputeConfig, run_compute
+    from compute.jobs.compute import ComputeConfig, run_compute
     _check_out(a.out, "folder")
     m = run_compute(ComputeConfig(model=a.model, images=a.images, out=a.out, layers=a.layers,
                                   batch_size=a.batch_size, device=a.device, limit=a.limit, labels=a.labels,
@@ -38,10 +38,10 @@ def _compute(a: argparse.Namespace) -> None:
 
 
 def _eval_ablation(a: argparse.Namespace) -> None:
-    from .eval.ablation import format_report, read_grouped_set, run_ablation
-    from .job import pick_device
-    from .models import load_model
-    from .store import write_json_atomic
+    from compute.eval.ablation import format_report, read_grouped_set, run_ablation
+    from compute.runtime import pick_device
+    from compute.models import load_model
+    from compute.store.layout import write_json_atomic
     if not str(a.out).endswith(".json"):
         raise AtlasError(f"--out must end in .json: {a.out}")
     _check_out(a.out)
@@ -55,15 +55,15 @@ def _eval_ablation(a: argparse.Namespace) -> None:
 
 
 def _models(a: argparse.Namespace) -> None:
-    from .models import REGISTRY
+    from compute.models import REGISTRY
     for name, (arch, tag) in REGISTRY.items():
         print(f"{name:34s} {arch} {Path(tag).name if '/' in tag else tag}")
     print("also: any open_clip ViT as NAME:TAG, NAME:/path/to/weights, NAME:random, local-dir:/path")
 
 
 def _shapes_generate(a: argparse.Namespace) -> None:
-    from .shapes.dataset import generate
-    from .shapes.world import WorldSpec
+    from compute.shapes.dataset import generate
+    from compute.shapes.world import WorldSpec
     spec = WorldSpec(two_object_prob=0.0) if a.objects == "1" else WorldSpec()
     _check_out(a.out, "folder")
     out = generate(a.n, a.seed, a.out, spec)
@@ -71,10 +71,10 @@ def _shapes_generate(a: argparse.Namespace) -> None:
 
 
 def _eval_segmentation(a: argparse.Namespace) -> None:
-    from .eval.segmentation import evaluate_segmentation, format_rows, pair_examples, write_rows
-    from .job import pick_device
-    from .models import load_model
-    from .eval.segmentation import check_methods
+    from compute.eval.segmentation import evaluate_segmentation, format_rows, pair_examples, write_rows
+    from compute.runtime import pick_device
+    from compute.models import load_model
+    from compute.eval.segmentation import check_methods
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     check_methods(methods)
     for out in (a.out, a.per_image):
@@ -97,15 +97,15 @@ def _eval_segmentation(a: argparse.Namespace) -> None:
 
 
 def _shapes_train(a: argparse.Namespace) -> None:
-    from .models import SHAPES_WEIGHTS
-    from .shapes.train import TrainConfig, train
+    from compute.models import SHAPES_WEIGHTS
+    from compute.shapes.train import TrainConfig, train
     cfg = TrainConfig(steps=a.steps, seed=a.seed)
     _check_out(a.out)
     train(cfg, Path(a.out) if a.out else SHAPES_WEIGHTS)
 
 
 def _shapes_spurious(a: argparse.Namespace) -> None:
-    from .shapes.spurious import format_table, run_spurious
+    from compute.shapes.spurious import format_table, run_spurious
     _check_out(a.out, "folder")
     report = run_spurious(a.out, seed=a.seed, n_store=a.n, n_test=a.test, random_k=a.random, retrain=a.retrain)
     print(format_table(report))
@@ -113,13 +113,13 @@ def _shapes_spurious(a: argparse.Namespace) -> None:
 
 
 def _shapes_eval(a: argparse.Namespace) -> None:
-    from .shapes.groundtruth import evaluate_run
+    from compute.shapes.groundtruth import evaluate_run
     summary = evaluate_run(a.run, progress=True)
     print(json.dumps(summary, indent=2))
 
 
 def _shapes_validate(a: argparse.Namespace) -> None:
-    from .shapes.validate import format_report, validate
+    from compute.shapes.validate import format_report, validate
     _check_out(a.out, "folder")
     report = validate(a.out, seeds=a.seeds, n=a.n, seed_base=a.seed_base)
     print(format_report(report))
@@ -127,7 +127,7 @@ def _shapes_validate(a: argparse.Namespace) -> None:
 
 
 def _textspan(a: argparse.Namespace) -> None:
-    from .jobs.textspan import run_textspan
+    from compute.jobs.textspan import run_textspan
     m = run_textspan(a.run, a.texts, m=a.m, rank=a.rank, layers=a.layers, device=a.device)
     ts = m["textspan"]
     print(f"textspan: {len(ts['layers'])} layers x {m['heads']} heads, up to {ts['m']} texts each -> {a.run}/textspan.parquet")
@@ -136,16 +136,16 @@ def _textspan(a: argparse.Namespace) -> None:
 
 
 def _index(a: argparse.Namespace) -> None:
-    from .maths.decompose import resolve_layers
-    from .store import RunStore
-    from .vindex import build_index
+    from compute.maths.decompose import resolve_layers
+    from compute.store.layout import RunStore
+    from compute.store.index import build_index
     layers = resolve_layers(a.layers, RunStore(a.run).manifest()["layers"]) if a.layers else None
     r = build_index(a.run, layers)
     print(f"index: {r['built']} of {r['heads']} heads built ({r['heads'] - r['built']} were current) -> {r['path']}")
 
 
 def _neurons(a: argparse.Namespace) -> None:
-    from .jobs.neurons import run_neurons
+    from compute.jobs.neurons import run_neurons
     m = run_neurons(a.run, layers=a.layers, images=a.images, texts=a.texts, top_k=a.top_k,
                     batch_size=a.batch_size, device=a.device)
     n = m["neurons"]
@@ -154,13 +154,13 @@ def _neurons(a: argparse.Namespace) -> None:
 
 
 def _report(a: argparse.Namespace) -> None:
-    from .jobs.report import write_report
+    from compute.jobs.report import write_report
     _check_out(a.out)
     print(f"report: {write_report(a.run, a.out)}")
 
 
 def _label(a: argparse.Namespace) -> None:
-    from .properties import run_label
+    from compute.jobs.label import run_label
     labels = run_label(a.run, a.method, a.reference)
     counts: dict[str, int] = {}
     for x in labels:
@@ -169,7 +169,7 @@ def _label(a: argparse.Namespace) -> None:
 
 
 def _metrics(a: argparse.Namespace) -> None:
-    from .metrics import run_metrics
+    from compute.jobs.metrics import run_metrics
     t = run_metrics(a.run)
     for r in t.to_pylist():
         if r["scope"] == "model":
@@ -177,20 +177,20 @@ def _metrics(a: argparse.Namespace) -> None:
 
 
 def _leaderboard(a: argparse.Namespace) -> None:
-    from .metrics import format_leaderboard, leaderboard
+    from compute.jobs.metrics import format_leaderboard, leaderboard
     print(format_leaderboard(*leaderboard(a.store)))
 
 
 def _demo(a: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from compute.demo import run_demo
     _check_out(a.store, "folder")
     run_demo(store=a.store, n=a.n, serve=not a.no_serve, port=a.port)
 
 
 def _shapes_card(a: argparse.Namespace) -> None:
-    from .models import SHAPES_WEIGHTS
-    from .shapes.card import write_card
-    from .store import RunStore
+    from compute.models import SHAPES_WEIGHTS
+    from compute.shapes.card import write_card
+    from compute.store.layout import RunStore
     record = SHAPES_WEIGHTS.with_suffix(".json")
     if not record.is_file():
         raise AtlasError(f"no training record at {record}; run `clip-atlas shapes train`")
@@ -204,7 +204,7 @@ def _shapes_card(a: argparse.Namespace) -> None:
         except (OSError, ValueError, KeyError):
             raise AtlasError(f"{a.validation} is not a report written by `clip-atlas shapes validate`") from None
     if a.neurons:
-        from .shapes.neurons import evaluate_neurons
+        from compute.shapes.neurons import evaluate_neurons
         rec["neurons"] = []
         for run in a.neurons:
             _, summary = evaluate_neurons(run)
@@ -246,10 +246,10 @@ def _command(parent, name: str, help: str, func, run: bool = False) -> argparse.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .jobs.neurons import DEFAULT_TEXTS as NEURON_TEXTS, TOP_K as NEURON_TOP_K
-    from .jobs.textspan import DEFAULT_M, DEFAULT_RANK
-    from .eval.segmentation import METHODS as SEG_METHODS
-    from .properties import METHODS
+    from compute.jobs.neurons import DEFAULT_TEXTS as NEURON_TEXTS, TOP_K as NEURON_TOP_K
+    from compute.jobs.textspan import DEFAULT_M, DEFAULT_RANK
+    from compute.eval.segmentation import METHODS as SEG_METHODS
+    from compute.jobs.label import METHODS
     p = _Parser(prog="clip-atlas", description="Decompose and interpret CLIP image embeddings.")
     sub = p.add_subparsers(dest="cmd", required=True)
 

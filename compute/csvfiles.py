@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .errors import AtlasError
+from compute.errors import AtlasError
 
 
 def read_csv_rows(path: str | Path, columns: tuple[str, ...], what: str, allow_empty: bool = False) -> list[dict]:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .store import RunStore
+from compute.store.layout import RunStore
 
 DEMO_RUN = "shapes-demo"
 DEMO_DATA = "shapes-demo-data"
@@ -21,14 +21,14 @@ def build_shapes_store(data: Path, run: Path, n: int, seed: int, metrics: bool =
                        model: str = "shapes") -> Path:
     """Generate scenes, compute their store with a Shapes model, then TextSpan, labels, metrics, ground truth,
     each with the CLI's defaults (nothing is tuned here). Each step is skipped when its output is already there."""
-    from .job import ComputeConfig, run_compute
-    from .metrics import run_metrics
-    from .properties import run_label
-    from .shapes.dataset import generate
-    from .shapes.groundtruth import evaluate_run
-    from .jobs.neurons import run_neurons
-    from .jobs.textspan import run_textspan
-    from .vindex import build_index
+    from compute.jobs.compute import ComputeConfig, run_compute
+    from compute.jobs.metrics import run_metrics
+    from compute.jobs.label import run_label
+    from compute.shapes.dataset import generate
+    from compute.shapes.groundtruth import evaluate_run
+    from compute.jobs.neurons import run_neurons
+    from compute.jobs.textspan import run_textspan
+    from compute.store.index import build_index
     if not (data / "scenes.parquet").is_file():
         generate(n, seed=seed, out=data, progress=progress)
     rs = RunStore(run)

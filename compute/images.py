@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .csvfiles import read_csv_rows
-from .errors import AtlasError
+from compute.csvfiles import read_csv_rows
+from compute.errors import AtlasError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 #: Images with more pixels than this are refused before decoding (a 100 MP photo is fine).

@@ -6,6 +6,7 @@ tokenizer and a `ModelInfo` describing the vision tower the decomposition needs.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -15,8 +16,9 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import AtlasError
-from .maths.decompose import unsupported_reason
+from compute.errors import AtlasError
+from compute.maths.decompose import Decomposer
+from compute.maths.trace import Tower, unsupported_reason
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights" / "clip-atlas-shapes.safetensors"
@@ -66,13 +68,26 @@ class LoadedModel:
 
     _decomposers: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def tower(self) -> Tower:
+        """The vision tower as the traced forward reads it."""
+        if "tower" not in self._decomposers:
+            self._decomposers["tower"] = Tower(self.model)
+        return self._decomposers["tower"]
+
     def decomposer(self, head_layers: tuple[int, ...] = (), token_layers: tuple[int, ...] = ()):
         """A Decomposer for this model, built once per layer selection (its fold matrices cost a few GFLOP)."""
-        from .maths.decompose import Decomposer
         key = (tuple(head_layers), tuple(token_layers))
         if key not in self._decomposers:
             self._decomposers[key] = Decomposer(self.model, head_layers=key[0], token_layers=key[1])
         return self._decomposers[key]
+
+    def drop_text_tower(self) -> None:
+        """Free the text tower's weights (a third of a ViT-B CLIP's memory) in a model used for images only."""
+        for name in ("transformer", "token_embedding", "ln_final", "text"):
+            if isinstance(getattr(self.model, name, None), torch.nn.Module):
+                setattr(self.model, name, None)
+        gc.collect()
 
     @property
     def device(self) -> torch.device:

@@ -13,9 +13,9 @@ from PIL import Image
 
 from compute import api
 from compute.errors import AtlasError
-from compute.query import DEFAULT_STORE, RunInfo, Store, full_path
+from compute.store.query import DEFAULT_STORE, RunInfo, Store, full_path
 
-from . import live
+from dashboard import live
 
 DISPLAY_PX = 256
 
@@ -307,7 +307,7 @@ def live_map_controls(run: RunInfo) -> tuple[str, list[tuple[int, int]] | None, 
 
 def show_scale(vmin: float, vmax: float) -> None:
     """The colour legend in data units."""
-    from .charts import colour_bar
+    from dashboard.charts import colour_bar
     st.image(colour_bar(vmin, vmax), width=DISPLAY_PX)
     st.caption(f"blue {vmin:+.4f} · white 0 · red {vmax:+.4f}" if vmin < 0 < vmax else f"{vmin:+.4f} … {vmax:+.4f}")
 

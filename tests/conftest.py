@@ -54,8 +54,8 @@ def shapes_run(shapes_dir, tmp_path_factory):
     """A complete run of the random Shapes architecture over the small dataset, with TextSpan and labels."""
     import json
 
-    from compute.job import ComputeConfig, run_compute
-    from compute.properties import run_label
+    from compute.jobs.compute import ComputeConfig, run_compute
+    from compute.jobs.label import run_label
     from compute.jobs.neurons import run_neurons
     from compute.jobs.textspan import run_textspan
     run = tmp_path_factory.mktemp("store") / "shapes-random"

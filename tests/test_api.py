@@ -37,8 +37,8 @@ def test_heads_table(run):
 
 
 def test_head_view_top_and_bottom_follow_the_direction(run, shapes_store):
-    from compute.heads import read_head
-    from compute.store import RunStore
+    from compute.store.readers import read_head
+    from compute.store.layout import RunStore
     h = run.heads()
     layer, head = (int(x) for x in h[h.property == "background"][["layer", "head"]].iloc[0])
     v = run.head(layer, head, k=5)
@@ -113,8 +113,8 @@ def test_describe_projects_centred_contributions_on_the_textspan_directions(run,
     """Against a plain reference that reads the heads with pyarrow (not the query layer's DuckDB)."""
     import pyarrow.parquet as pq
 
-    from compute.heads import read_head
-    from compute.store import RunStore
+    from compute.store.readers import read_head
+    from compute.store.layout import RunStore
     store = RunStore(shapes_store)
     first = run.images().iloc[7]
     d = run.describe(int(first.image_id), k=5)

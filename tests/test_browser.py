@@ -41,7 +41,7 @@ def server(shapes_run, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (make browser)")
     pytest.importorskip("playwright")
-    from compute.metrics import run_metrics
+    from compute.jobs.metrics import run_metrics
     run, _ = shapes_run
     if not (run / "metrics.parquet").is_file():
         run_metrics(str(run), progress=False)

@@ -17,8 +17,8 @@ import torch
 
 from compute.cli import main
 from compute.errors import AtlasError
-from compute.job import ComputeConfig, run_compute
-from compute.store import RunStore
+from compute.jobs.compute import ComputeConfig, run_compute
+from compute.store.layout import RunStore
 
 MODEL = "clip-atlas-shapes:random"
 
@@ -201,7 +201,7 @@ def test_two_ranks_split_the_images(shapes_dir, tmp_path):
 
 def test_each_rank_takes_its_own_gpu(monkeypatch):
     """Under torchrun every rank must use cuda:LOCAL_RANK (not all of them device 0) and make it current."""
-    from compute import job
+    from compute import runtime as job
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
@@ -221,7 +221,7 @@ def test_each_rank_takes_its_own_gpu(monkeypatch):
 
 
 def test_workers_default_to_the_cores_of_this_rank(monkeypatch):
-    from compute import job
+    from compute import runtime as job
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert job.default_workers() == 16
@@ -234,7 +234,7 @@ def test_workers_default_to_the_cores_of_this_rank(monkeypatch):
 def test_float16_store_halves_disk_and_keeps_invariants_and_picks(tmp_path):
     """--store-dtype float16 on the trained Shapes model, 300 fresh scenes (seed 206). Fixed beforehand: the
     components sum to the embedding within 5e-4 (docs/store.md), and TextSpan's picks equal float32's."""
-    from compute.heads import read_components, read_images, vector_column
+    from compute.store.readers import read_components, read_images, vector_column
     from compute.jobs.textspan import run_textspan
     from compute.shapes.dataset import generate
     data = generate(300, seed=206, out=tmp_path / "data", progress=False)

@@ -18,7 +18,7 @@ PAGES = ["views/leaderboard.py", "views/atlas.py", "views/property_search.py", "
 
 def with_metrics(shapes_run) -> Path:
     """The shared small run, with its metrics table (the leaderboard and compare pages read it)."""
-    from compute.metrics import run_metrics
+    from compute.jobs.metrics import run_metrics
     run, _ = shapes_run
     if not (run / "metrics.parquet").is_file():
         run_metrics(str(run), progress=False)
@@ -373,7 +373,7 @@ def test_gallery_pages_filters_and_picks(store):
 
 
 def test_gallery_query_filters(store):
-    from compute.query import Store
+    from compute.store.query import Store
     s = Store(store)
     run = next(r for r in s.runs() if r.ok)
     n = s.image_count(run)

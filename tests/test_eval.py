@@ -227,8 +227,8 @@ def test_eval_ablation_command_writes_the_report(shapes_dir, grouped, tmp_path, 
 
 
 def test_run_means_are_the_stored_means(shapes_run, loaded, grouped):
-    from compute.heads import read_head
-    from compute.store import RunStore
+    from compute.store.readers import read_head
+    from compute.store.layout import RunStore
     run, _ = shapes_run
     T = loaded.encode_texts(grouped.prompts)
     means = run_means(run, [5], loaded.info.heads, T)

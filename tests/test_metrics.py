@@ -12,12 +12,12 @@ import pytest
 
 from compute.cli import main
 from compute.errors import AtlasError
-from compute.heads import read_head
-from compute.metrics import (ablation_cosine, association, entanglement, leaderboard, run_metrics,
+from compute.store.readers import read_head
+from compute.jobs.metrics import (ablation_cosine, association, entanglement, leaderboard, run_metrics,
                              textspan_reconstruction)
-from compute.properties import UNLABELLED, HeadLabel, majority, run_label
+from compute.jobs.label import UNLABELLED, HeadLabel, majority, run_label
 from compute.shapes.groundtruth import chance_level, precision_at_k, specialisation
-from compute.store import RunStore
+from compute.store.layout import RunStore
 
 
 def L(prop, conf=1.0, layer=0, head=0):
@@ -157,8 +157,8 @@ def test_llm_method_is_off_unless_configured(shapes_run, monkeypatch):
 
 def test_similarity_labels_for_an_untagged_pool(shapes_run, tmp_path):
     """An untagged pool is labelled through the text encoder against a tagged reference pool."""
-    from compute.properties import label_by_similarity
-    from compute.store import RunStore
+    from compute.jobs.label import label_by_similarity
+    from compute.store.layout import RunStore
     run, m = shapes_run
     labels = label_by_similarity(RunStore(run), reference="shapes")
     assert len(labels) == len(m["head_layers"]) * m["heads"]
@@ -168,7 +168,7 @@ def test_similarity_labels_for_an_untagged_pool(shapes_run, tmp_path):
 
 
 def test_shuffled_tag_pvalue_known_answers():
-    from compute.properties import shuffled_tag_pvalue
+    from compute.jobs.label import shuffled_tag_pvalue
     tags = [["a"]] * 10 + [["b"]] * 90
     # all 5 texts tagged 'a' when a tenth of the pool is: C(10,5)/C(100,5), far below the null's resolution
     assert shuffled_tag_pvalue(tags, [0, 1, 2, 3, 4], "a") == pytest.approx(1 / 2001)
@@ -179,8 +179,8 @@ def test_shuffled_tag_pvalue_known_answers():
 
 def test_a_label_needs_both_halves_of_the_images_to_agree(shapes_run, monkeypatch):
     """The gate: a head whose halves' picks vote for another property is unlabelled; when they agree it keeps it."""
-    from compute import properties
-    from compute.store import RunStore
+    from compute.jobs import label as properties
+    from compute.store.layout import RunStore
     store = RunStore(shapes_run[0])
     _, tags, _ = properties.read_texts(store)
     texts = properties.head_texts(store)

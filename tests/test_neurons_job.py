@@ -14,8 +14,8 @@ from compute.errors import AtlasError
 def _images(run, man):
     from PIL import Image
 
-    from compute.heads import read_images
-    from compute.store import RunStore
+    from compute.store.readers import read_images
+    from compute.store.layout import RunStore
     t = read_images(RunStore(run), columns=["image_id", "path"])
     root = man["images_root"]
     return t.column("image_id").to_numpy(), [Image.open(f"{root}/{p}").convert("RGB") for p in t.column("path").to_pylist()]
@@ -149,7 +149,7 @@ def test_shapes_neurons_fire_on_their_described_value(tmp_path):
     Threshold set before this seed was run: the neurons' top images have the value of their first text
     more often than chance, by at least 0.03 on average (measured +0.12, +0.10, +0.08 on seeds 0, 601, 602
     with 2,000 scenes; this store has 600)."""
-    from compute.job import ComputeConfig, run_compute
+    from compute.jobs.compute import ComputeConfig, run_compute
     from compute.jobs.neurons import run_neurons
     from compute.shapes.dataset import generate
     from compute.shapes.neurons import evaluate_neurons, text_value

@@ -5,7 +5,7 @@ import duckdb
 import numpy as np
 import pytest
 
-from compute.query import Store
+from compute.store.query import Store
 
 
 @pytest.fixture()
@@ -51,7 +51,7 @@ def test_changed_files_are_reread(shapes_run, tmp_path):
     t = pq.read_table(f)
     boosted = np.asarray(t.column("contribution").to_pylist(), np.float32)
     boosted[-1] += 100.0
-    from compute.store import vectors
+    from compute.store.layout import vectors
     pq.write_table(pa.table({"image_id": t.column("image_id"), "contribution": vectors(boosted)}), f)
     after = s.head_top_k(info, 5, 0, q, k=1)
     assert after[0][0] == t.column("image_id")[-1].as_py() and after != before
@@ -62,10 +62,10 @@ def test_memory_mapped_index_gives_the_same_answers_and_is_dropped_when_stale(sh
     import shutil
 
     from compute.cli import main
-    from compute.heads import read_head
-    from compute.store import RunStore
-    from compute import vindex
-    from compute.vindex import open_head_index, top_k
+    from compute.store.readers import read_head
+    from compute.store.layout import RunStore
+    from compute.store import index as vindex
+    from compute.store.index import open_head_index, top_k
     run = tmp_path / "run"
     shutil.copytree(shapes_run[0], run)
     s = Store(tmp_path)

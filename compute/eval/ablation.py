@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..csvfiles import read_csv_rows
-from ..errors import AtlasError
-from ..images import BadImage, load_image
-from ..models import LoadedModel
+from compute.csvfiles import read_csv_rows
+from compute.errors import AtlasError
+from compute.images import BadImage, load_image
+from compute.models import LoadedModel
 
 
 @dataclass
@@ -130,8 +130,8 @@ def ablated_scores(hs: HeadScores, heads: list[tuple[int, int]], means: np.ndarr
 
 def run_means(run: str | Path, layers: list[int], n_heads: int, texts: torch.Tensor) -> np.ndarray:
     """Mean head contributions over a run's images, projected on the class texts: [len(layers), H, C]."""
-    from ..heads import iter_head
-    from ..store import RunStore
+    from compute.store.readers import iter_head
+    from compute.store.layout import RunStore
     store = RunStore(run)
     stored = store.manifest().get("head_layers", [])
     missing = sorted(set(layers) - set(stored))
@@ -153,7 +153,7 @@ def property_heads(run: str | Path, prop: str) -> tuple[list[tuple[int, int]], l
     """(the heads a run labels `prop`, the layers its labels were chosen among)."""
     import pyarrow.parquet as pq
 
-    from ..store import RunStore
+    from compute.store.layout import RunStore
     store = RunStore(run)
     path = store.table_path("properties")
     if not path.is_file():
@@ -174,7 +174,7 @@ def run_ablation(loaded: LoadedModel, data: GroupedSet, ablate: str | None = Non
     if mean_from not in ("eval", "run"):
         raise AtlasError("--mean-from must be eval or run")
     if run is not None:
-        from ..store import RunStore
+        from compute.store.layout import RunStore
         if not RunStore(run).exists():
             raise AtlasError(f"no run at {run}")
         run_model = RunStore(run).manifest().get("model")

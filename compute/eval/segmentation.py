@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ..csvfiles import read_csv_rows
-from ..errors import AtlasError
-from ..images import BadImage, find_images, load_image, read_labels
-from ..maths.decompose import resolve_layers
-from ..maths.saliency import BASELINES, baseline_maps
-from ..maths.segmetrics import SegmentationScores
-from ..models import LoadedModel
-from ..texts import fill_template
+from compute.csvfiles import read_csv_rows
+from compute.errors import AtlasError
+from compute.images import BadImage, find_images, load_image, read_labels
+from compute.maths.decompose import resolve_layers
+from compute.maths.saliency import BASELINES, baseline_maps
+from compute.maths.segmetrics import SegmentationScores
+from compute.models import LoadedModel
+from compute.texts import fill_template
 
 METHODS = ("decomposition",) + BASELINES
 #: 'auto' picks the prompt a model was trained with: Shapes captions name the object bare, web CLIPs the photo.
@@ -176,7 +176,6 @@ def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[
     scores = {m: SegmentationScores() for m in methods}
     seconds = dict.fromkeys(methods, 0.0)
     skipped = dict(pairing.skipped)
-    visual = loaded.model.visual
     bar = tqdm(total=len(pairing.examples), desc="segment", unit="img", disable=not progress)
     for i in range(0, len(pairing.examples), batch_size):
         pix, masks, texts, paths = [], [], [], []
@@ -212,7 +211,7 @@ def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[
         base = tuple(m for m in methods if m != "decomposition")
         if base:
             t0 = time.perf_counter()
-            maps.update(baseline_maps(visual, pixels, T, base))
+            maps.update(baseline_maps(loaded.tower, pixels, T, base))
             for m in base:   # one traced pass serves all baselines: its time is shared equally
                 seconds[m] += (time.perf_counter() - t0) / len(base)
         for m, grid in maps.items():
@@ -234,7 +233,7 @@ def write_rows(rows: list[dict], out: str | Path) -> Path:
     if out.suffix == ".parquet":
         import pyarrow as pa
 
-        from ..store import write_table_atomic
+        from compute.store.layout import write_table_atomic
         write_table_atomic(pa.Table.from_pylist(rows), out)
     elif out.suffix == ".csv":
         with open(out, "w", newline="") as f:

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from ..errors import AtlasError
-from ..store import RunStore, vectors, write_table_atomic
+from compute.errors import AtlasError
+from compute.store.layout import RunStore, vectors, write_table_atomic
 
 G_BUDGET = 768 * 2**20      # bytes of folded readout held at once
 TOP_K = 8                   # top images kept per neuron
@@ -50,7 +50,7 @@ class _Slice:
     grams: torch.Tensor | None = None
 
     def start(self, model, k: int, decomposer=None) -> None:
-        from ..maths.neurons import SecondOrder
+        from compute.maths.neurons import SecondOrder
         self.so = SecondOrder(model, self.layer, self.neurons, decomposer)
         K, n = self.so.G.shape[:2]
         fd = self.so.G.dtype
@@ -66,7 +66,7 @@ class _Slice:
 
     def add(self, tr, ids: torch.Tensor) -> None:
         """Fold in one batch, from a forward `trace` that recorded this slice's layer."""
-        from ..maths.neurons import effect_norms
+        from compute.maths.neurons import effect_norms
         b = self.so.coefficients(tr)
         norms = effect_norms(b.s, self.grams)                       # [B, n]
         self.count += len(ids)
@@ -82,7 +82,7 @@ class _Slice:
         self.top_ids = cand.gather(1, pos)
 
     def finish(self, texts: np.ndarray, n_texts: int) -> dict:
-        from ..maths.neurons import principal_directions, sparse_texts
+        from compute.maths.neurons import principal_directions, sparse_texts
         d = principal_directions(self.so.G.double(), self.moments, self.sums)
         out = {"direction": d.direction.float().cpu().numpy(), "share": d.share.float().cpu().numpy(),
                "mean": (self.sum_norm / max(self.count, 1)).float().cpu().numpy(),
@@ -126,12 +126,12 @@ def run_neurons(run: str, layers: str | None = None, images: int | None = None, 
                 top_k: int = TOP_K, batch_size: int = 32, device: str = "auto", workers: int | None = None,
                 progress: bool = True, loaded=None) -> dict:
     """Writes RUN/neurons/layer=L.parquet for each chosen MLP layer; returns the updated manifest."""
-    from ..heads import read_images
-    from ..images import ImageRef
-    from ..job import decoded_batches, default_workers, drop_text_tower, pick_device
-    from ..maths.decompose import resolve_layers
-    from ..maths.neurons import default_neuron_layers, neuron_unsupported_reason, trace
-    from ..models import load_model
+    from compute.store.readers import read_images
+    from compute.images import ImageRef
+    from compute.runtime import decoded_batches, default_workers, pick_device
+    from compute.maths.decompose import resolve_layers
+    from compute.maths.neurons import default_neuron_layers, neuron_unsupported_reason, trace
+    from compute.models import load_model
 
     store = RunStore(run)
     man = store.manifest()
@@ -153,7 +153,7 @@ def run_neurons(run: str, layers: str | None = None, images: int | None = None, 
     if reason:
         raise AtlasError(f"cannot compute neuron effects for {man['model']}: {reason}")
     pool_texts, pool, pool_name = _pool(store, man, loaded, progress)
-    drop_text_tower(loaded.model)
+    loaded.drop_text_tower()
 
     table = read_images(store, columns=["image_id", "path"])
     ids_all, paths = table.column("image_id").to_numpy(), table.column("path").to_pylist()
@@ -211,11 +211,11 @@ def _pool(store: RunStore, man: dict, loaded, progress: bool) -> tuple[list[str]
     else the default pool for the model, encoded now."""
     path = store.table_path("texts")
     if path.is_file():
-        from ..heads import vector_column
+        from compute.store.readers import vector_column
         t = pq.read_table(path, columns=["text", "embedding"])
         return t.column("text").to_pylist(), vector_column(t, "embedding"), man.get("textspan", {}).get("pool", "run")
-    from ..texts import load_pool
-    from .textspan import default_pool
+    from compute.texts import load_pool
+    from compute.jobs.textspan import default_pool
     name = default_pool(man.get("architecture", ""))
     pool = load_pool(name)
     return pool.texts, loaded.encode_texts(pool.texts, progress=progress).float().cpu().numpy(), name

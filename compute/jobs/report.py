@@ -11,8 +11,8 @@ import html
 import time
 from pathlib import Path
 
-from ..errors import AtlasError
-from ..query import Store, manifest_summary
+from compute.errors import AtlasError
+from compute.store.query import Store, manifest_summary
 
 
 def _colour(name: str, names: list[str]) -> str:

@@ -11,10 +11,10 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from ..errors import AtlasError
-from ..heads import iter_head
-from ..store import LEGACY_FIELDS, RunStore, stored_head_layers, vectors
-from ..maths.textspan import (PICK_FLOOR, STABILITY_K, UNSTABLE_BELOW, Moments, TextSpanResult, half_of, pick_overlap,
+from compute.errors import AtlasError
+from compute.store.readers import iter_head
+from compute.store.layout import LEGACY_FIELDS, RunStore, stored_head_layers, vectors
+from compute.maths.textspan import (PICK_FLOOR, STABILITY_K, UNSTABLE_BELOW, Moments, TextSpanResult, half_of, pick_overlap,
                         textspan_from_moments)
 
 DEFAULT_M = 10      # chosen on tuning seeds: docs/textspan.md
@@ -50,10 +50,10 @@ def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = D
                  device: str = "auto", heads_per_batch: int = 16, floor: float = PICK_FLOOR,
                  progress: bool = True) -> dict:
     """Writes RUN/texts.parquet, RUN/textspan.parquet (picks) and RUN/textspan_heads.parquet (per-head summary)."""
-    from ..maths.decompose import resolve_layers
-    from ..job import pick_device
-    from ..models import load_model
-    from ..texts import load_pool
+    from compute.maths.decompose import resolve_layers
+    from compute.runtime import pick_device
+    from compute.models import load_model
+    from compute.texts import load_pool
 
     store = RunStore(run)
     man = store.manifest()

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..errors import AtlasError
+from compute.errors import AtlasError
+from compute.maths import trace
+from compute.maths.trace import Tower
 
 COMPONENT_KINDS = ("embed", "attn", "attn_bias", "mlp", "ln_bias")
 
@@ -44,9 +45,25 @@ class Decomposition:
     tokens: torch.Tensor | None  # [B, len(token_layers), H, N, D] per source token (N includes the class token);
                                  # [..., K] when projected on K token_directions
 
+    def components(self) -> torch.Tensor:
+        """[B, K, D]: every component as one stack, in the order of `component_layout` (embed, then attn,
+        attn_bias and mlp per layer, then ln_bias)."""
+        per_layer = torch.stack([self.attn, self.attn_bias, self.mlp], 2).flatten(1, 2)   # [B, 3L, D]
+        return torch.cat([self.embed[:, None], per_layer, self.ln_bias[:, None]], 1)
+
     def total(self) -> torch.Tensor:
         """The sum of all components; equals `embedding` up to float error."""
         return self.embed + self.attn.sum(1) + self.attn_bias.sum(1) + self.mlp.sum(1) + self.ln_bias
+
+
+def component_layout(n_layers: int) -> tuple[list[str], list[int | None]]:
+    """(kind, layer) of each row of `Decomposition.components()`; layer is None for embed and ln_bias."""
+    kinds: list[str] = ["embed"]
+    layers: list[int | None] = [None]
+    for layer in range(n_layers):
+        kinds += ["attn", "attn_bias", "mlp"]
+        layers += [layer] * 3
+    return kinds + ["ln_bias"], layers + [None]
 
 
 def resolve_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
@@ -78,112 +95,57 @@ def resolve_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]
     return sorted(out)
 
 
-def unsupported_reason(model: torch.nn.Module) -> str | None:
-    """Why the direct-effect decomposition does not fit this model's vision tower, or None."""
-    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
-    visual = getattr(model, "visual", None)
-    if visual is None:
-        return "the model has no vision tower"
-    kind = type(visual).__name__
-    if not isinstance(visual, VisionTransformer):
-        why = {"ModifiedResNet": "a ResNet tower (attention pooling over conv features)",
-               "TimmModel": "a timm tower (EVA, SigLIP, ConvNeXt, PE-Core: different blocks and pooling heads)"}
-        return f"its vision tower is {why.get(kind, kind)}; only open_clip VisionTransformer towers decompose"
-    if visual.attn_pool is not None:
-        return "its vision tower ends in an attentional pooler (CoCa-style), which is not a sum of token terms"
-    if visual.pool_type not in ("tok", "avg"):
-        return f"pool_type {visual.pool_type!r} has no single embedding to decompose"
-    blocks = visual.transformer.resblocks
-    if not all(isinstance(b, ResidualAttentionBlock) for b in blocks):
-        return "its blocks use custom attention (qk-norm, scaled cosine, head scales or inner norms)"
-    if any(hasattr(b, "ln_1_kv") for b in blocks):
-        return "its blocks use cross-attention"
-    if not visual.transformer.batch_first:
-        return "its transformer is not batch-first"
-    return None
-
-
 class Decomposer:
-    """Runs the vision tower block by block and returns a `Decomposition` per batch."""
+    """Reads one traced forward pass (`trace.Tower`) and returns a `Decomposition` per batch."""
 
     def __init__(self, model: torch.nn.Module, head_layers: Iterable[int] = (), token_layers: Iterable[int] = ()):
-        reason = unsupported_reason(model)
-        if reason:
-            raise AtlasError(f"cannot decompose: {reason}")
-        self.visual = model.visual
-        self.blocks = list(self.visual.transformer.resblocks)
-        self.n_layers = len(self.blocks)
+        self.tower = Tower(model)
+        self.n_layers = self.tower.n_layers
         self.head_layers = sorted(set(head_layers))
         self.token_layers = sorted(set(token_layers))
-        attn = self.blocks[0].attn
-        self.n_heads, self.width = attn.num_heads, attn.embed_dim
-        self.head_dim = self.width // self.n_heads
-        p = next(self.visual.parameters())
-        self.fold_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        self.n_heads, self.width, self.head_dim = self.tower.n_heads, self.tower.width, self.tower.head_dim
+        self.fold_dtype = self.tower.stats_dtype
         self._fold()
+        keep = {trace.Z_POOLED.format(i) for i in range(self.n_layers)}
+        keep |= {trace.MLP_OUT_POOLED.format(i) for i in range(self.n_layers)}
+        keep |= {trace.PATTERN_POOLED.format(i) for i in self.token_layers}
+        keep |= {trace.VALUES.format(i) for i in self.token_layers}
+        self._keep = keep | {trace.EMBED, trace.RESID_FINAL}
 
     @torch.no_grad()
     def _fold(self) -> None:
-        v, fd = self.visual, self.fold_dtype
-        ln = v.ln_post
+        t, fd = self.tower, self.fold_dtype
         W = self.width
-        dev = ln.weight.device if ln.weight is not None else v.conv1.weight.device
-        gamma = ln.weight.to(fd) if ln.weight is not None else torch.ones(W, dtype=fd, device=dev)
-        proj = v.proj.to(fd) if v.proj is not None else torch.eye(W, dtype=fd, device=dev)
+        norm, proj = t.final_norm(), t.proj()
+        dev = next(t.visual.parameters()).device
+        ones = torch.ones(W, dtype=fd, device=dev)
+        gamma = norm.weight.to(fd) if norm.weight is not None else ones
+        proj = proj.to(fd) if proj is not None else torch.eye(W, dtype=fd, device=dev)
         gp = gamma[:, None] * proj                                  # [W, D]
         self.P = gp - gp.sum(0, keepdim=True) / W                   # centering folded in
-        self.beta_proj = (ln.bias.to(fd) @ proj) if ln.bias is not None else torch.zeros(proj.shape[1], dtype=fd, device=proj.device)
-        self.eps = ln.eps
+        self.beta_proj = (norm.bias.to(fd) @ proj) if norm.bias is not None else torch.zeros(proj.shape[1], dtype=fd, device=dev)
+        self.eps = norm.eps
         H, hd = self.n_heads, self.head_dim
         self.M, self.bias_dir = [], []
-        for blk in self.blocks:
-            ls = blk.ls_1.gamma.to(fd) if hasattr(blk.ls_1, "gamma") else torch.ones(W, dtype=fd, device=gamma.device)
-            wo = blk.attn.out_proj.weight.to(fd)                    # [W_out, W_in]
-            folded = (wo.T * ls[None, :]) @ self.P                  # [W_in, D]
+        for layer in range(self.n_layers):
+            ls = t.attn_scale(layer)
+            ls = ls.to(fd) if ls is not None else ones
+            wo, b = t.out_proj(layer)                               # [W_out, W_in]
+            folded = (wo.to(fd).T * ls[None, :]) @ self.P           # [W_in, D]
             self.M.append(folded.view(H, hd, -1))                   # [H, hd, D]
-            b = blk.attn.out_proj.bias
             self.bias_dir.append((b.to(fd) * ls) @ self.P if b is not None else torch.zeros_like(self.beta_proj))
-
-    def _pool_slice(self) -> slice:
-        """The residual rows the readout pools: the class token, or every patch token (average pooling)."""
-        return slice(0, 1) if self.visual.pool_type == "tok" else slice(1, None)
-
-    def _attention(self, blk, h: torch.Tensor, sl: slice, want_tokens: bool):
-        """Exact re-implementation of the block's attention, returning what the decomposition needs."""
-        B, N, W = h.shape
-        H, hd = self.n_heads, self.head_dim
-        a = blk.attn
-        qkv = F.linear(h, a.in_proj_weight, a.in_proj_bias).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]                            # [B, H, N, hd]
-        z = F.scaled_dot_product_attention(q, k, v)
-        out = F.linear(z.transpose(1, 2).reshape(B, N, W), a.out_proj.weight, a.out_proj.bias)
-        probs = None
-        if want_tokens:
-            # only the pooled query rows: [B, H, n_pooled, N]; for class-token pooling that is one row
-            probs = torch.softmax((q[:, :, sl] @ k.transpose(-1, -2)) * hd ** -0.5, dim=-1)
-        return out, z[:, :, sl], probs, v
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, token_directions: torch.Tensor | None = None) -> Decomposition:
         """Decompose a batch. With `token_directions` [D, K] (e.g. text embeddings), the per-token maps come back
         already projected on them, [B, L_t, H, N, K]: the projection is folded into each head's readout matrix, so
         a segmentation never builds the D-wide maps."""
-        v = self.visual
-        sl = self._pool_slice()
-        x = v._embeds(images)
-        terms = [x[:, sl]]                                          # residual terms at pooled tokens
-        z_sel, maps_in = {}, {}
-        for i, blk in enumerate(self.blocks):
-            want_tok = i in self.token_layers
-            attn_out, z, probs, vals = self._attention(blk, blk.ln_1(x), sl, want_tok)
-            attn_out = blk.ls_1(attn_out)
-            x = x + attn_out
-            mlp_out = blk.ls_2(blk.mlp(blk.ln_2(x)))
-            x = x + mlp_out
-            z_sel[i] = z
-            terms.append(mlp_out[:, sl])
-            if want_tok:
-                maps_in[i] = (probs, vals)
+        cache = self.tower.run(images, self._keep)
+        sl = cache.pooled
+        terms = [cache[trace.EMBED][:, sl]] + [cache[trace.MLP_OUT_POOLED.format(i)] for i in range(self.n_layers)]
+        z_sel = cache.layers(trace.Z_POOLED)
+        maps_in = {i: (cache[trace.PATTERN_POOLED.format(i)], cache[trace.VALUES.format(i)]) for i in self.token_layers}
+        x = cache[trace.RESID_FINAL]
         # the readout runs in the fold dtype even under autocast
         with torch.autocast(x.device.type, enabled=False):
             return self._readout(x, sl, terms, z_sel, maps_in, token_directions)
@@ -191,8 +153,8 @@ class Decomposer:
     def readout_weights(self, x: torch.Tensor) -> torch.Tensor:
         """[B, n_pooled]: the weight of each pooled token's residual in the readout, pooling weight / sigma (the
         L2 normalisation, / ||out||, comes on top)."""
-        sl = self._pool_slice()
-        r = x[:, sl].mean(1, keepdim=True) if self.visual.final_ln_after_pool else x[:, sl]
+        sl = self.tower.pooled()
+        r = x[:, sl].mean(1, keepdim=True) if self.tower.norm_after_pool else x[:, sl]
         sigma = torch.sqrt(r.to(self.fold_dtype).var(-1, unbiased=False) + self.eps)   # [B, 1] or [B, n]
         n_pool = x[:, sl].shape[1]
         return (1.0 / (n_pool * sigma)).expand(x.shape[0], n_pool)

@@ -32,23 +32,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import AtlasError
-from .decompose import Decomposer
+from compute.errors import AtlasError
+from compute.maths import trace as tr
+from compute.maths.decompose import Decomposer
+from compute.maths.trace import Tower, unsupported_reason
 
 
 def neuron_unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why neuron effects cannot be computed for this model, or None (the head decomposition must fit too)."""
-    from .decompose import unsupported_reason
-    reason = unsupported_reason(model)
-    if reason:
-        return reason
-    for blk in model.visual.transformer.resblocks:
-        mlp = blk.mlp
-        if not all(hasattr(mlp, n) for n in ("c_fc", "gelu", "c_proj")):
-            return "its MLP blocks are not c_fc -> activation -> c_proj"
-        if not isinstance(getattr(mlp, "ln", torch.nn.Identity()), torch.nn.Identity):
-            return "its MLP blocks normalise inside the MLP (scale_fc), so a neuron's write is not act * weight"
-    return None
+    return unsupported_reason(model) or Tower(model).neuron_unsupported_reason()
 
 
 def default_neuron_layers(n_layers: int) -> list[int]:
@@ -80,28 +72,19 @@ def trace(dec: Decomposer, images: torch.Tensor, layers: tuple[int, ...]) -> Tra
     """One forward pass recording the activations of MLP `layers` and, for every later attention layer, the pooled
     rows' attention divided by each token's ln_1 scale, weighted by the readout."""
     fd = dec.fold_dtype
-    sl = dec._pool_slice()
     first = min(layers)
-    x = dec.visual._embeds(images)
-    acts, rows = {}, {}
-    for i, blk in enumerate(dec.blocks):
-        want = i > first
-        attn_out, _, probs, _ = dec._attention(blk, blk.ln_1(x), sl, want)
-        if want:
-            rows[i] = (probs, torch.sqrt(x.to(fd).var(-1, unbiased=False) + blk.ln_1.eps))   # [B, H, n, N], [B, N]
-        x = x + blk.ls_1(attn_out)
-        if i in layers:
-            act = blk.mlp.gelu(blk.mlp.c_fc(blk.ln_2(x)))
-            x = x + blk.ls_2(blk.mlp.c_proj(act))
-            acts[i] = act
-        else:
-            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    later = range(first + 1, dec.n_layers)
+    keep = {tr.MLP_POST.format(i) for i in layers} | {tr.PATTERN_POOLED.format(i) for i in later}
+    keep |= {tr.LN1_SCALE.format(i) for i in later} | {tr.RESID_FINAL}
+    cache = dec.tower.run(images, keep)
+    sl, x = cache.pooled, cache[tr.RESID_FINAL]
     with torch.autocast(x.device.type, enabled=False):
         w = dec.readout_weights(x)                                  # [B, n_pool]
         out = torch.einsum("bt,btw->bw", w, x[:, sl].to(fd)) @ dec.P + dec.beta_proj
         w = w / out.norm(dim=-1, keepdim=True)
-        reads = {i: torch.einsum("bt,bhti->bhi", w, p.to(fd)) / sig[:, None] for i, (p, sig) in rows.items()}
-    return Trace(acts, reads, w, sl)
+        reads = {i: torch.einsum("bt,bhti->bhi", w, cache[tr.PATTERN_POOLED.format(i)].to(fd))
+                 / cache[tr.LN1_SCALE.format(i)][:, None] for i in later}
+    return Trace(cache.layers(tr.MLP_POST), reads, w, sl)
 
 
 class SecondOrder:
@@ -120,7 +103,7 @@ class SecondOrder:
                              f"use 0-{n_layers - 2})")
         self.layer = layer
         self.later = list(range(layer + 1, n_layers))
-        self.n_total = self.dec.blocks[layer].mlp.c_proj.weight.shape[1]
+        self.n_total = self.dec.tower.mlp_out_weight(layer).shape[1]
         self.neurons = neurons or slice(0, self.n_total)
         if not 0 <= self.neurons.start < self.neurons.stop <= self.n_total:
             raise AtlasError(f"neurons {self.neurons.start}-{self.neurons.stop - 1} are outside layer {layer}'s "
@@ -135,11 +118,10 @@ class SecondOrder:
     @torch.no_grad()
     def writes(self) -> torch.Tensor:
         """[n, W]: u_n, what each neuron writes per unit of activation (LayerScale included)."""
-        blk, fd = self.dec.blocks[self.layer], self.dec.fold_dtype
-        U = blk.mlp.c_proj.weight[:, self.neurons].T.to(fd)         # [n, W]
-        if hasattr(blk.ls_2, "gamma"):
-            U = U * blk.ls_2.gamma.to(fd)
-        return U
+        tower, fd = self.dec.tower, self.dec.fold_dtype
+        U = tower.mlp_out_weight(self.layer)[:, self.neurons].T.to(fd)   # [n, W]
+        gamma = tower.mlp_scale(self.layer)
+        return U * gamma.to(fd) if gamma is not None else U
 
     @torch.no_grad()
     def _fold(self) -> torch.Tensor:
@@ -149,9 +131,9 @@ class SecondOrder:
         Uc = U - U.mean(-1, keepdim=True)
         out = []
         for l in self.later:
-            blk = dec.blocks[l]
-            g = blk.ln_1.weight.to(fd) if blk.ln_1.weight is not None else torch.ones(W, dtype=fd, device=U.device)
-            wv = blk.attn.in_proj_weight[2 * W:].to(fd)              # [W_out, W_in]
+            ln = dec.tower.ln1(l)
+            g = ln.weight.to(fd) if ln.weight is not None else torch.ones(W, dtype=fd, device=U.device)
+            wv = dec.tower.value_weight(l).to(fd)                   # [W_out, W_in]
             vals = ((Uc * g) @ wv.T).view(-1, H, hd)                # [n, H, hd]
             out.append(torch.einsum("nhk,hkd->hnd", vals, dec.M[l]))
         return torch.cat(out)

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from compute.maths import trace
+from compute.maths.trace import Tower
+
 BASELINES = ("attention", "rollout", "gradcam", "chefer")
 GRADIENT_METHODS = ("gradcam", "chefer")
 
@@ -35,27 +38,13 @@ class AttentionTrace:
     pooled: slice                  # query rows the embedding pools
 
 
-def trace_attention(visual: torch.nn.Module, images: torch.Tensor) -> AttentionTrace:
-    """The vision tower's forward, block by block, keeping every attention matrix (in the autograd graph when
-    gradients are enabled). Equals `visual(images)`; open_clip's own blocks do not return the probabilities."""
-    x = visual._embeds(images)
-    probs = []
-    for blk in visual.transformer.resblocks:
-        a = blk.attn
-        B, N, W = x.shape
-        H = a.num_heads
-        hd = W // H
-        qkv = F.linear(blk.ln_1(x), a.in_proj_weight, a.in_proj_bias).view(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        p = torch.softmax((q @ k.transpose(-1, -2)) * hd ** -0.5, dim=-1)       # [B, H, N, N]
-        z = (p @ v).transpose(1, 2).reshape(B, N, W)
-        x = x + blk.ls_1(F.linear(z, a.out_proj.weight, a.out_proj.bias))
-        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
-        probs.append(p)
-    pooled, _ = visual._pool(x)
-    if visual.proj is not None:
-        pooled = pooled @ visual.proj
-    return AttentionTrace(pooled, probs, slice(0, 1) if visual.pool_type == "tok" else slice(1, None))
+def trace_attention(tower: Tower, images: torch.Tensor) -> AttentionTrace:
+    """The tower's traced forward keeping every attention matrix (in the autograd graph when gradients are
+    enabled) and the tower's output, which equals `encode_image`."""
+    keep = {trace.PATTERN.format(i) for i in range(tower.n_layers)} | {trace.IMAGE_EMBED}
+    cache = tower.run(images, keep)
+    probs = [cache[trace.PATTERN.format(i)] for i in range(tower.n_layers)]
+    return AttentionTrace(cache[trace.IMAGE_EMBED], probs, cache.pooled)
 
 
 def _patch_row(m: torch.Tensor, pooled: slice) -> torch.Tensor:
@@ -99,7 +88,7 @@ def chefer(probs: list[torch.Tensor], grads: list[torch.Tensor], pooled: slice) 
     return _patch_row(R, pooled)
 
 
-def baseline_maps(visual: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor,
+def baseline_maps(tower: Tower, images: torch.Tensor, texts: torch.Tensor,
                   methods: tuple[str, ...] = BASELINES) -> dict[str, torch.Tensor]:
     """{method: [B, grid_h, grid_w]} for the images against their own text embeddings `texts` [B, D]."""
     unknown = set(methods) - set(BASELINES)
@@ -107,13 +96,13 @@ def baseline_maps(visual: torch.nn.Module, images: torch.Tensor, texts: torch.Te
         raise ValueError(f"unknown saliency methods {sorted(unknown)}")
     need_grad = any(m in GRADIENT_METHODS for m in methods)
     with torch.enable_grad() if need_grad else torch.no_grad():
-        trace = trace_attention(visual, images)
+        traced = trace_attention(tower, images)
         grads = None
         if need_grad:
-            score = (F.normalize(trace.embedding.float(), dim=-1) * texts.float()).sum()
-            grads = [g.detach() for g in torch.autograd.grad(score, trace.probs)]
-    probs = [p.detach() for p in trace.probs]
-    gh, gw = visual.grid_size
-    fns = {"attention": lambda: raw_attention(probs, trace.pooled), "rollout": lambda: rollout(probs, trace.pooled),
-           "gradcam": lambda: gradcam(probs, grads, trace.pooled), "chefer": lambda: chefer(probs, grads, trace.pooled)}
+            score = (F.normalize(traced.embedding.float(), dim=-1) * texts.float()).sum()
+            grads = [g.detach() for g in torch.autograd.grad(score, traced.probs)]
+    probs = [p.detach() for p in traced.probs]
+    gh, gw = tower.grid
+    fns = {"attention": lambda: raw_attention(probs, traced.pooled), "rollout": lambda: rollout(probs, traced.pooled),
+           "gradcam": lambda: gradcam(probs, grads, traced.pooled), "chefer": lambda: chefer(probs, grads, traced.pooled)}
     return {m: fns[m]().reshape(-1, gh, gw) for m in methods}

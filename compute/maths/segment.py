@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 if TYPE_CHECKING:  # the model loader sits above maths/
-    from ..models import LoadedModel
+    from compute.models import LoadedModel
 
 
 @dataclass

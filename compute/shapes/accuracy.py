@@ -13,7 +13,7 @@ import random
 import numpy as np
 import torch
 
-from .world import ATTRIBUTES, Renderer, Scene, WorldSpec, attribute_prompt, canonical_caption
+from compute.shapes.world import ATTRIBUTES, Renderer, Scene, WorldSpec, attribute_prompt, canonical_caption
 
 
 def heldout_scenes(n: int, seed: int) -> list[Scene]:

@@ -62,7 +62,7 @@ def write_card(weights: Path) -> Path:
         "| attribute | values | chance | caption accuracy | target | zero-shot |",
         "|---|---|---|---|---|---|",
     ]
-    from .world import ATTRIBUTES
+    from compute.shapes.world import ATTRIBUTES
     for attr, values in ATTRIBUTES.items():
         ok = "met" if cap[attr] >= targets[attr] else "**missed**"
         lines.append(f"| {attr} | {len(values)} | {1 / len(values):.2f} | {cap[attr]:.3f} | >= {targets[attr]} ({ok}) | {zs[attr]:.3f} |")

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import AtlasError
-from .world import Renderer, WorldSpec, caption, objects_phrase, scene_record
+from compute.errors import AtlasError
+from compute.shapes.world import Renderer, WorldSpec, caption, objects_phrase, scene_record
 
 
 def generate(n: int, seed: int, out: str | Path, spec: WorldSpec | None = None, progress: bool = True) -> Path:

@@ -22,10 +22,10 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from ..errors import AtlasError
-from ..store import RunStore
-from .dataset import load_scenes
-from .world import ATTRIBUTES
+from compute.errors import AtlasError
+from compute.store.layout import RunStore
+from compute.shapes.dataset import load_scenes
+from compute.shapes.world import ATTRIBUTES
 
 SPECIALISED_LIFT = 0.25
 SPECIALISED_MARGIN = 2.0
@@ -61,7 +61,7 @@ def specialisation(lifts: dict[str, float]) -> str | None:
 
 def scene_table(store: RunStore) -> tuple[np.ndarray, list[dict], np.ndarray, np.ndarray]:
     """(image_ids, scene records, masks, scene row of each image) for the run's images, sorted by image_id."""
-    from ..heads import read_images
+    from compute.store.readers import read_images
     man = store.manifest()
     scenes, masks = load_scenes(man["images_root"])
     row_of = {s["path"]: i for i, s in enumerate(scenes)}
@@ -85,7 +85,7 @@ def single_object_values(scenes: list[dict], rows: np.ndarray) -> tuple[np.ndarr
 
 
 def evaluate_heads(store: RunStore, progress: bool = True) -> pa.Table:
-    from ..heads import head_files, read_rows
+    from compute.store.readers import head_files, read_rows
     man = store.manifest()
     ids, scenes, _, rows = scene_table(store)
     single, values = single_object_values(scenes, rows)
@@ -117,9 +117,9 @@ def evaluate_heads(store: RunStore, progress: bool = True) -> pa.Table:
 def evaluate_segmentation(store: RunStore, n_images: int = 120, seed: int = 0, progress: bool = True) -> pa.Table:
     from PIL import Image
 
-    from ..heads import read_images
-    from ..models import load_model
-    from ..maths.segment import heatmap, iou_at_mean, token_maps, upsample
+    from compute.store.readers import read_images
+    from compute.models import load_model
+    from compute.maths.segment import heatmap, iou_at_mean, token_maps, upsample
     man = store.manifest()
     ids, scenes, masks, rows = scene_table(store)
     paths = read_images(store, columns=["image_id", "path"]).column("path").to_pylist()
@@ -181,10 +181,10 @@ def evaluate_run(run: str, progress: bool = True) -> dict:
     if store.table_path("properties").is_file():
         summary.update(label_agreement(rows, store))
     if store.table_path("textspan").is_file():
-        from .describe import evaluate_descriptions
+        from compute.shapes.describe import evaluate_descriptions
         summary.update(evaluate_descriptions(run))
     if any((store.root / "neurons").glob("layer=*.parquet")):
-        from .neurons import evaluate_neurons
+        from compute.shapes.neurons import evaluate_neurons
         table, neurons = evaluate_neurons(run)
         store.write_derived("shapes_neurons", table)
         summary.update({f"neuron_{k}": v for k, v in neurons.items() if not isinstance(v, list)})

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .train import TrainConfig
-from .world import OBJECT_ATTRIBUTES, Renderer, Scene, Tie, WorldSpec, describe
+from compute.shapes.train import TrainConfig
+from compute.shapes.world import OBJECT_ATTRIBUTES, Renderer, Scene, Tie, WorldSpec, describe
 
 SPURIOUS_NAME = "shapes-spurious"
 CLASSES = ("circle", "square")
@@ -77,9 +77,9 @@ def finetune(cfg: SpuriousConfig, out: Path, base_weights: Path | None = None, l
     """Fine-tune the bundled Shapes CLIP on the tied world; writes fp16 weights and a JSON record beside them."""
     from safetensors.torch import load_file
 
-    from ..models import SHAPES_WEIGHTS
-    from .accuracy import attribute_accuracy, to_model_input
-    from .train import build_model, clip_loss, lr_at, make_optimizer, sample_group, save_weights
+    from compute.models import SHAPES_WEIGHTS
+    from compute.shapes.accuracy import attribute_accuracy, to_model_input
+    from compute.shapes.train import build_model, clip_loss, lr_at, make_optimizer, sample_group, save_weights
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     model, tokenizer = build_model()
@@ -121,7 +121,7 @@ def write_test_set(out: Path, n: int, seed: int) -> Path:
     """A balanced class x background test set: out/images/*.png, out/groups.csv, out/classes.csv."""
     from PIL import Image
 
-    from .world import attribute_prompt
+    from compute.shapes.world import attribute_prompt
     (out / "images").mkdir(parents=True, exist_ok=True)
     scenes = balanced_scenes(n, seed)
     renderer, rng = Renderer(seed), random.Random(f"render-{seed}")
@@ -141,10 +141,10 @@ def run_spurious(out: str | Path, seed: int = 1, n_store: int = 2000, n_test: in
                  retrain: bool = False, progress: bool = True) -> dict:
     """Store, TextSpan and labels of the spurious model on ordinary scenes (seed), then `eval ablation` of its
     background heads on a balanced test set (seed); writes out/ablation.json and out/ablation.md."""
-    from ..demo import build_shapes_store
-    from ..eval.ablation import format_report, read_grouped_set, run_ablation
-    from ..models import SPURIOUS_WEIGHTS, load_model
-    from ..store import write_json_atomic
+    from compute.demo import build_shapes_store
+    from compute.eval.ablation import format_report, read_grouped_set, run_ablation
+    from compute.models import SPURIOUS_WEIGHTS, load_model
+    from compute.store.layout import write_json_atomic
     out = Path(out)
     if retrain or not SPURIOUS_WEIGHTS.is_file():
         finetune(SpuriousConfig(), SPURIOUS_WEIGHTS)
@@ -176,7 +176,7 @@ def format_table(report: dict) -> str:
 
 def write_spurious_card(weights: Path, report: dict | None = None) -> Path:
     """MODEL_CARD-shapes-spurious.md beside the weights, from the fine-tune record (and an experiment's report)."""
-    from .world import ATTRIBUTES
+    from compute.shapes.world import ATTRIBUTES
     rec = json.loads(weights.with_suffix(".json").read_text())
     cfg, acc = rec["config"], rec["heldout"]
     if report is not None:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .accuracy import CAPTION_TARGETS, attribute_accuracy, to_model_input
-from .world import ATTRIBUTES, POSITIONS, Renderer, Scene, WorldSpec, caption
+from compute.shapes.accuracy import CAPTION_TARGETS, attribute_accuracy, to_model_input
+from compute.shapes.world import ATTRIBUTES, POSITIONS, Renderer, Scene, WorldSpec, caption
 
 MODEL_NAME = "clip-atlas-shapes"
 
@@ -90,7 +90,7 @@ class BatchMaker:
 def build_model():
     import open_clip
 
-    from ..models import register_configs
+    from compute.models import register_configs
     register_configs()
     model = open_clip.create_model(MODEL_NAME, pretrained=None)
     return model, open_clip.get_tokenizer(MODEL_NAME)
@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, out: Path, log=print) -> dict:
             "heldout": final, "targets": CAPTION_TARGETS, "history": history,
             "parameters": sum(p.numel() for p in model.parameters())}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
-    from .card import write_card
+    from compute.shapes.card import write_card
     write_card(out)
     log(json.dumps({"final": final, "wall_minutes": wall / 60}))
     return card

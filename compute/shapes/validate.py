@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import AtlasError
-from ..store import RunStore, write_json_atomic, write_table_atomic
-from .groundtruth import chance_level, scene_table, single_object_values
+from compute.errors import AtlasError
+from compute.store.layout import RunStore, write_json_atomic, write_table_atomic
+from compute.shapes.groundtruth import chance_level, scene_table, single_object_values
 
 VALIDATION_SEED_BASE = 101
 P_AT = 4
@@ -35,7 +35,7 @@ P_AT = 4
 def property_precision(store: RunStore, ids: np.ndarray, values: dict[str, np.ndarray], single: np.ndarray,
                        k: int = P_AT) -> dict[str, float]:
     """precision@k of property search per labelled property that names an attribute (over the scored scenes)."""
-    from ..heads import read_rows
+    from compute.store.readers import read_rows
     out = {}
     for a, v in values.items():
         folder = store.property_dir(a)
@@ -83,7 +83,7 @@ def score_run(run: Path) -> dict[str, float]:
 def validate(out: str | Path, seeds: int = 3, n: int = 2000, seed_base: int = VALIDATION_SEED_BASE,
              progress: bool = True) -> dict:
     """Runs every seed (resumable: finished steps are kept), writes report.json and report.parquet, returns the report."""
-    from ..demo import build_shapes_store
+    from compute.demo import build_shapes_store
     if seeds < 1 or n < 50:
         raise AtlasError("--seeds must be at least 1 and --n at least 50")
     out = Path(out)

@@ -6,7 +6,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import AtlasError
+from compute.errors import AtlasError
 
 HERE = Path(__file__).parent
 BUNDLED = {"general": HERE / "general.csv", "shapes": HERE / "shapes.csv"}

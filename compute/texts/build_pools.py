@@ -331,7 +331,7 @@ def general_pool(seed: int = 0) -> list[tuple[str, list[str]]]:
 
 
 def shapes_pool() -> list[tuple[str, list[str]]]:
-    from ..shapes.world import ATTRIBUTES
+    from compute.shapes.world import ATTRIBUTES
     rows: dict[str, list[str]] = {}
     phrasing = {
         "color": ["{v}", "a {v} object", "something {v}", "the color {v}", "a {v} shape"],

@@ -4,7 +4,7 @@ import streamlit as st
 
 from dashboard import charts
 from dashboard.common import current_store, download_csv, show_errors
-from compute.query import manifest_summary
+from compute.store.query import manifest_summary
 
 st.title("Leaderboard")
 s = current_store()

@@ -31,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import AtlasError
-from .store import RunStore, vectors, write_table_atomic
+from compute.errors import AtlasError
+from compute.store.layout import RunStore, vectors, write_table_atomic
 
 UNLABELLED = "unlabelled"
 NULL_DRAWS = 2000     # tag permutations for the confidence (p resolves to 1/2001)
@@ -114,7 +114,7 @@ def head_texts(store: RunStore) -> dict[tuple[int, int], list[int]]:
 
 
 def read_texts(store: RunStore) -> tuple[list[str], list[list[str]], np.ndarray]:
-    from .heads import vector_column
+    from compute.store.readers import vector_column
     t = pq.read_table(store.table_path("texts"))
     return t.column("text").to_pylist(), t.column("tags").to_pylist(), vector_column(t, "embedding")
 
@@ -136,8 +136,8 @@ def label_by_majority(store: RunStore) -> list[HeadLabel]:
 
 def label_by_similarity(store: RunStore, reference: str = "general") -> list[HeadLabel]:
     """Tags each pool text with its nearest property prototype, then labels as `tags` does."""
-    from .models import load_model
-    from .texts import load_pool
+    from compute.models import load_model
+    from compute.texts import load_pool
     _, _, emb = read_texts(store)
     ref = load_pool(reference)
     if not ref.tagged:
@@ -202,7 +202,7 @@ def write_property_vectors(store: RunStore, labels: list[HeadLabel]) -> dict[str
     file per chunk of the run (streamed: memory is one chunk's rows)."""
     import shutil
 
-    from .heads import iter_chunks
+    from compute.store.readers import iter_chunks
     groups: dict[str, list[tuple[int, int]]] = {}
     for x in labels:
         if x.property != UNLABELLED:

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import AtlasError
-from .store import RunStore
+from compute.errors import AtlasError
+from compute.store.layout import RunStore
 
 
 def vector_column(table: pa.Table, name: str) -> np.ndarray:

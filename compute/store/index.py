@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .errors import AtlasError
-from .store import RunStore, stored_head_layers
+from compute.errors import AtlasError
+from compute.store.layout import RunStore, stored_head_layers
 
 INDEX_DIR = "_index"
 #: Rows scored per block: bounds the temporary float32 copy of a block, whatever N.
@@ -37,7 +37,7 @@ def _signature(files: list[Path]) -> list[list]:
 
 def build_head_index(store: RunStore, layer: int, head: int) -> Path:
     """Write (or rewrite) one head's index from its part files, streamed into a memory-mapped file."""
-    from .heads import head_files, vector_column
+    from compute.store.readers import head_files, vector_column
     files = head_files(store, layer, head)
     n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     first = pq.read_table(files[0], columns=["contribution"])
@@ -65,7 +65,7 @@ def build_head_index(store: RunStore, layer: int, head: int) -> Path:
 
 def open_head_index(store: RunStore, layer: int, head: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(ids, memory-mapped vectors) when a current index exists, else None."""
-    from .heads import head_files
+    from compute.store.readers import head_files
     out = index_dir(store, layer, head)
     try:
         if json.loads((out / "source.json").read_text()) != _signature(head_files(store, layer, head)):

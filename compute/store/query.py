@@ -14,8 +14,8 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from .errors import AtlasError
-from .store import MANIFEST, RunStore
+from compute.errors import AtlasError
+from compute.store.layout import MANIFEST, RunStore
 
 DEFAULT_STORE = Path(__file__).resolve().parent.parent / "artifacts"
 #: Memory for vector matrices kept between queries (a 50,000 x 512 head is 100 MB).
@@ -166,7 +166,7 @@ class Store:
                 self._matrices.move_to_end(key)
                 return self._matrices[key]
         table = self._cur().sql(_VECTOR_QUERIES[column], params=[pattern]).to_arrow_table()
-        from .heads import vector_column
+        from compute.store.readers import vector_column
         entry = (table.column("image_id").to_numpy(), np.ascontiguousarray(vector_column(table, "v")))
         with self._matrix_lock:
             self._matrices[key] = entry
@@ -177,7 +177,7 @@ class Store:
     def head_means(self, run: RunInfo) -> dict[tuple[int, int], np.ndarray]:
         """Every stored head's mean contribution over the run's images, {(layer, head): [D] float64}: one streamed
         pass over the run (memory: one chunk), kept until the run's manifest changes."""
-        from .heads import iter_chunks
+        from compute.store.readers import iter_chunks
         key = ("means", str(run.path), (run.path / MANIFEST).stat().st_mtime_ns)
         with self._matrix_lock:
             if key in self._means:
@@ -203,7 +203,7 @@ class Store:
                    exclude: int | None = None) -> list[tuple[int, float]]:
         """Exact top-k images by dot product with one head's contributions: from the head's memory-mapped index
         when `clip-atlas index` built a current one (no re-read, any N), else from Parquet through DuckDB (LRU)."""
-        from .vindex import open_head_index, top_k
+        from compute.store.index import open_head_index, top_k
         index = open_head_index(RunStore(run.path), layer, head)
         if index is None:
             index = self._matrix(self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"),
@@ -212,7 +212,7 @@ class Store:
 
     def property_top_k(self, run: RunInfo, prop: str, query: np.ndarray, k: int = 4,
                        exclude: int | None = None) -> list[tuple[int, float]]:
-        from .vindex import top_k
+        from compute.store.index import top_k
         ids, M = self._matrix(str(RunStore(run.path).property_dir(prop) / "*.parquet"), "vector")
         return top_k(ids, M, query, k, exclude)
 
@@ -356,7 +356,7 @@ class Store:
         if not run.has("texts"):
             return None
         table = self._cur().sql("SELECT embedding FROM read_parquet(?)", params=[self._glob(run, "texts.parquet")]).to_arrow_table()
-        from .heads import vector_column
+        from compute.store.readers import vector_column
         return vector_column(table, "embedding")
 
 

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import AtlasError
-from .properties import UNLABELLED, HeadLabel
-from .store import RunStore, list_runs
+from compute.errors import AtlasError
+from compute.jobs.label import UNLABELLED, HeadLabel
+from compute.store.layout import RunStore, list_runs
 
 
 def association(labels: list[HeadLabel]) -> float:
@@ -71,8 +71,8 @@ def run_metrics(run: str, progress: bool = True) -> pa.Table:
 
     Two streamed passes over the run's chunks (memory: one chunk's rows, whatever the number of images):
     the first sums what the mean ablations need, the second scores each image against those means."""
-    from .heads import iter_chunks, vector_column
-    from .job import component_layout
+    from compute.store.readers import iter_chunks, vector_column
+    from compute.maths.decompose import component_layout
     store = RunStore(run)
     man = store.manifest()
     if man.get("status") != "complete":
@@ -156,7 +156,7 @@ def run_metrics(run: str, progress: bool = True) -> pa.Table:
 
 def _zero_shot_setup(model: str, labels: list[str | None]):
     """Class-name embeddings and integer labels, for the images that have a label."""
-    from .models import load_model
+    from compute.models import load_model
     names = sorted({l for l in labels if l})
     if len(names) < 2 or len(names) > 1000:
         return None

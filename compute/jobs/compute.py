@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import os
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .maths.decompose import Decomposer, Decomposition, resolve_layers
-from .errors import AtlasError
-from .images import BadImage, ImageRef, find_images, load_image
-from .models import LoadedModel, load_model
-from .store import Chunk, RunStore
+from compute.maths.decompose import Decomposer, component_layout, resolve_layers
+from compute.errors import AtlasError
+from compute.images import find_images
+from compute.models import LoadedModel, load_model
+from compute.runtime import Distributed, decoded_batches, default_workers, pick_device
+from compute.store.layout import STORE_DTYPES, Chunk, RunStore
 
 #: Memory for one chunk's rows; the chunk is also the unit a resumed run may redo.
 CHUNK_BYTES = 64 * 2**20
@@ -39,113 +37,6 @@ class ComputeConfig:
     workers: int | None = None   # default_workers()
 
 
-def local_rank() -> tuple[int, int]:
-    """(this process's rank on its node, processes on the node) under torchrun; (0, 1) otherwise."""
-    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' -> this rank's GPU (LOCAL_RANK under torchrun) or the CPU; 'cuda' alone also means this rank's GPU,
-    so ranks on one node never share a device. The chosen GPU becomes the current one (nccl needs that)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise AtlasError(f"unknown device {name!r}") from None
-    if dev.type != "cuda":
-        return dev
-    if not torch.cuda.is_available():
-        raise AtlasError("--device cuda requested but no GPU is available")
-    if dev.index is None:
-        rank, per_node = local_rank()
-        count = torch.cuda.device_count()
-        if per_node > count:
-            raise AtlasError(f"{per_node} processes on this node but {count} GPUs: use --nproc-per-node {count} or fewer")
-        dev = torch.device("cuda", rank)
-    torch.cuda.set_device(dev)
-    return dev
-
-
-def default_workers() -> int:
-    """Image decoding threads: the cores this process may use, shared by the ranks on its node."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:      # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // local_rank()[1])
-
-
-class Distributed:
-    """Rank and world size under torchrun (or one process); gloo on CPU, nccl on GPU."""
-
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.active = self.world > 1
-        if self.active and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.active and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def component_layout(n_layers: int) -> tuple[list[str], list[int | None]]:
-    kinds: list[str] = ["embed"]
-    layers: list[int | None] = [None]
-    for layer in range(n_layers):
-        kinds += ["attn", "attn_bias", "mlp"]
-        layers += [layer] * 3
-    return kinds + ["ln_bias"], layers + [None]
-
-
-def stack_components(d: Decomposition) -> np.ndarray:
-    """[B, K, D] in the order of `component_layout`."""
-    per_layer = torch.stack([d.attn, d.attn_bias, d.mlp], 2).flatten(1, 2)   # [B, 3L, D]
-    return torch.cat([d.embed[:, None], per_layer, d.ln_bias[:, None]], 1).float().cpu().numpy()
-
-
-def decoded_batches(refs: list[ImageRef], root: Path, preprocess, batch_size: int, workers: int,
-                    draft: int) -> Iterator[tuple[list[ImageRef], torch.Tensor | None, list[dict]]]:
-    """Batches of (refs, pixels, skipped), decoded by a thread pool one batch ahead."""
-    def decode(ref: ImageRef):
-        try:
-            return preprocess(load_image(root / ref.path, draft_size=draft)), None
-        except BadImage as e:
-            return None, {"path": ref.path, "reason": str(e)}
-
-    def work(batch: list[ImageRef]):
-        results = list(pool.map(decode, batch))
-        ok = [(r, t) for r, (t, _) in zip(batch, results) if t is not None]
-        skipped = [s for _, s in results if s is not None]
-        pixels = torch.stack([t for _, t in ok]) if ok else None
-        return [r for r, _ in ok], pixels, skipped
-
-    batches = [refs[i:i + batch_size] for i in range(0, len(refs), batch_size)]
-    if not batches:
-        return
-    with ThreadPoolExecutor(max(1, workers)) as pool, ThreadPoolExecutor(1) as ahead:
-        pending = ahead.submit(work, batches[0])
-        for nxt in batches[1:] + [None]:
-            result = pending.result()
-            pending = ahead.submit(work, nxt) if nxt is not None else None
-            yield result
-
-
-def drop_text_tower(model: torch.nn.Module) -> None:
-    """Free the text tower's weights (a third of a ViT-B CLIP's memory) in a model used for images only."""
-    import gc
-    for name in ("transformer", "token_embedding", "ln_final", "text"):
-        if isinstance(getattr(model, name, None), torch.nn.Module):
-            setattr(model, name, None)
-    gc.collect()
-
-
 def versions() -> dict[str, str]:
     out = {}
     for pkg in ("clip-atlas", "torch", "open_clip_torch", "pyarrow", "numpy", "pillow"):
@@ -165,14 +56,13 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
     root = Path(cfg.images)
     refs = find_images(root, cfg.labels, cfg.limit)
     device = pick_device(cfg.device)
-    from .store import STORE_DTYPES
     if cfg.store_dtype not in STORE_DTYPES:
         raise AtlasError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
     if cfg.precision != "fp32" and device.type != "cuda":
         raise AtlasError("bf16/fp16 autocast needs a GPU; use --precision fp32 on CPU")
     if loaded is None:
         loaded = load_model(cfg.model, device)
-        drop_text_tower(loaded.model)   # compute only needs the vision tower
+        loaded.drop_text_tower()   # compute only needs the vision tower
     info = loaded.info
     head_layers = resolve_layers(cfg.layers, info.layers)
     dist = Distributed(device)
@@ -213,7 +103,7 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
                 chunk.paths += [r.path for r in batch]
                 chunk.labels += [r.label for r in batch]
                 chunk.embeddings.append(d.embedding.float().cpu().numpy())
-                chunk.components.append((stack_components(d), kinds, comp_layers))
+                chunk.components.append((d.components().float().cpu().numpy(), kinds, comp_layers))
                 chunk.heads.append(d.heads.float().cpu().numpy())
             bar.update(len(batch) + len(skipped))
             if len(chunk) + len(chunk.skipped) >= chunk_size:
@@ -224,8 +114,7 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
         if len(chunk) or chunk.skipped:
             store.write_chunk(chunk, head_layers, dist.rank, cfg.store_dtype)
         bar.close()
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        raise SystemExit(130)
+        raise                       # the CLI turns Ctrl-C into its exit status
     if len(chunk) or chunk.skipped:
         store.write_chunk(chunk, head_layers, dist.rank, cfg.store_dtype)
     bar.close()

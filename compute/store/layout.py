@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import AtlasError
-from .images import image_id
+from compute.errors import AtlasError
+from compute.images import image_id
 
 SCHEMA_VERSION = 1
 #: Manifest fields added after the first schema-1 runs, with the value those runs had.

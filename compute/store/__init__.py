@@ -1,0 +1,2 @@
+"""The store: where every file of a run lives (layout), how it is read (readers, the memory-mapped index) and the
+read-only DuckDB query layer."""
