@@ -22,6 +22,7 @@ demo: setup
 	$(VENV)/bin/clip-atlas demo
 
 test: setup browser
+	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 bench: setup

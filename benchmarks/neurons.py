@@ -71,8 +71,12 @@ def bench(spec: str, layer: int | None, n_images: int, batch: int, naive_neurons
     plain(), factorised()                                                        # warm up
     t_plain = t_fact = 0.0
     for _ in range(n_batches):                                                   # alternate, so drift hits both
-        t = time.perf_counter(); plain(); t_plain += time.perf_counter() - t
-        t = time.perf_counter(); factorised(); t_fact += time.perf_counter() - t
+        t = time.perf_counter()
+        plain()
+        t_plain += time.perf_counter() - t
+        t = time.perf_counter()
+        factorised()
+        t_fact += time.perf_counter() - t
     so = state.so
     xs = x[:2]
     t = time.perf_counter()

@@ -84,8 +84,8 @@ def topk_benchmark(run: Path, repeat: int) -> None:
 def segmentation_benchmark(spec: str, repeat: int, target_ms: float | None) -> None:
     from PIL import Image
 
+    from compute.maths.segment import heatmap, upsample
     from compute.models import load_model
-    from compute.maths.segment import heatmap, token_maps, upsample
     loaded = load_model(spec)
     rng = np.random.default_rng(2)
     size = loaded.info.image_size
@@ -94,7 +94,7 @@ def segmentation_benchmark(spec: str, repeat: int, target_ms: float | None) -> N
     times = []
     for img in images:
         t = time.perf_counter()
-        heat = heatmap(token_maps(loaded, img), text)
+        heat = heatmap(loaded.token_maps(img), text)
         upsample(heat, size)
         times.append(time.perf_counter() - t)
     t_text = median(timeit(lambda: loaded.encode_texts(["a red circle"]), 5))

@@ -117,8 +117,8 @@ def retrieval_run(n: int) -> Path:
 
 
 def retrieval(sizes: list[int], repeat: int = 20) -> None:
-    from compute.store.query import Store
     from compute.store.index import build_head_index
+    from compute.store.query import Store
     print(f"\nPer-head retrieval, top-10 by dot product, D {D} (exact):")
     rng = np.random.default_rng(1)
     queries = rng.standard_normal((repeat, D)).astype(np.float32)

@@ -26,21 +26,25 @@ on first use. Errors are `AtlasError`s with one-line messages. Tables come back 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
+from compute import checks
 from compute.errors import AtlasError
+from compute.eval.ablation import accuracy, mean_ablate
+from compute.headnames import head_name
 from compute.images import BadImage, load_image
 from compute.maths.decompose import Decomposition, resolve_layers
 from compute.models import LoadedModel, load_model
-from compute.store.query import RunInfo, Store, full_path
 from compute.store.layout import MANIFEST
-from compute.texts import fill_template
+from compute.store.query import RunInfo, Store, full_path
+from compute.texts import fill_template, zero_shot_template
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -94,12 +98,7 @@ def clean_text(text: str | None) -> str:
     return text
 
 
-def _check_count(value: int | None, name: str) -> None:
-    if value is not None and value < 0:
-        raise AtlasError(f"{name} must be 0 or more, got {value}")
-
-
-def open_run(path: str | Path) -> "Run":
+def open_run(path: str | Path) -> Run:
     """A computed run (a folder with manifest.json), for querying."""
     path = Path(path).resolve()
     if not (path / MANIFEST).is_file():
@@ -115,16 +114,16 @@ def open_run(path: str | Path) -> "Run":
 class Comparison:
     """Several runs side by side (`compare`)."""
     runs: list[str]
-    metrics: "pd.DataFrame"       # metric, run, value (model-level metrics)
-    properties: "pd.DataFrame"    # run, layer, head, property, confidence
-    texts: "pd.DataFrame"         # run, layer, head, property, texts (list, TextSpan order)
+    metrics: pd.DataFrame       # metric, run, value (model-level metrics)
+    properties: pd.DataFrame    # run, layer, head, property, confidence
+    texts: pd.DataFrame         # run, layer, head, property, texts (list, TextSpan order)
 
-    def heads_per_property(self) -> "pd.DataFrame":
+    def heads_per_property(self) -> pd.DataFrame:
         """property x run: the number of heads labelled with it."""
         return (self.properties.groupby(["property", "run"]).size().unstack("run", fill_value=0)
                 .reindex(columns=self.runs, fill_value=0))
 
-    def property_heads(self, prop: str) -> "pd.DataFrame":
+    def property_heads(self, prop: str) -> pd.DataFrame:
         """The heads labelled `prop` in every run, with their TextSpan texts."""
         return self.texts[self.texts["property"] == prop].reset_index(drop=True)
 
@@ -139,14 +138,14 @@ def compare(store: str | Path | Store, runs: Sequence[str]) -> Comparison:
             raise AtlasError(f"run {info.name} cannot be used: {info.problem}")
     metrics = pd.DataFrame([(m, i.name, v) for i in infos for _, _, m, v in s.metrics(i, "model")],
                            columns=["metric", "run", "value"])
-    props = pd.DataFrame([(i.name, l, h, p, c) for i in infos for l, h, p, c in s.properties(i)],
+    props = pd.DataFrame([(i.name, *r) for i in infos for r in s.properties(i)],
                          columns=["run", "layer", "head", "property", "confidence"])
     rows = []
     for i in infos:
         texts: dict[tuple[int, int], list[str]] = {}
-        for l, h, _, t in s.all_head_texts(i):
-            texts.setdefault((l, h), []).append(t)
-        rows += [(i.name, l, h, p, texts.get((l, h), [])) for l, h, p, _ in s.properties(i)]
+        for t in s.all_head_texts(i):
+            texts.setdefault((t.layer, t.head), []).append(t.text)
+        rows += [(i.name, r.layer, r.head, r.property, texts.get((r.layer, r.head), [])) for r in s.properties(i)]
     return Comparison(list(runs), metrics, props, pd.DataFrame(rows, columns=["run", "layer", "head", "property", "texts"]))
 
 
@@ -156,7 +155,7 @@ class NeuronView:
     layer: int
     neuron: int
     info: dict
-    top: "pd.DataFrame"         # image_id, path, label, score (the effect norm), file
+    top: pd.DataFrame         # image_id, path, label, score (the effect norm), file
 
 
 @dataclass
@@ -165,7 +164,7 @@ class Intervention:
     heads: list[tuple[int, int]]
     classes: list[str]                # the run's labels
     prompts: list[str]
-    accuracy: "pd.DataFrame"          # label ("all images" first), images, base, ablated, change
+    accuracy: pd.DataFrame          # label ("all images" first), images, base, ablated, change
     image_ids: np.ndarray             # the labelled images, sorted
     base: np.ndarray                  # [N, C] image . prompt
     ablated: np.ndarray               # [N, C] the same with the heads at their mean
@@ -176,8 +175,8 @@ class Intervention:
 @dataclass
 class Description:
     """One image in words (`Run.describe`; maths/describe.py): texts ranked overall, and every (head, text) pair."""
-    texts: "pd.DataFrame"             # text, score, heads ("L.H" list, largest first), head_scores
-    pairs: "pd.DataFrame"             # layer, head, property, rank, text, score, share
+    texts: pd.DataFrame             # text, score, heads ("L.H" list, largest first), head_scores
+    pairs: pd.DataFrame             # layer, head, property, rank, text, score, share
 
 
 @dataclass
@@ -187,9 +186,9 @@ class HeadView:
     head: int
     property: str | None
     confidence: float | None
-    texts: "pd.DataFrame"       # rank, text, variance_explained, cumulative_variance
-    top: "pd.DataFrame"         # image_id, path, label, score
-    bottom: "pd.DataFrame"
+    texts: pd.DataFrame       # rank, text, variance_explained, cumulative_variance
+    top: pd.DataFrame         # image_id, path, label, score
+    bottom: pd.DataFrame
 
 
 class Run:
@@ -215,21 +214,21 @@ class Run:
         return self._model
 
     # ---- tables
-    def images(self) -> "pd.DataFrame":
+    def images(self) -> pd.DataFrame:
         import pandas as pd
         rows = self.store.gallery(self.info, limit=self.store.image_count(self.info))
         df = pd.DataFrame(rows, columns=["image_id", "path", "label"])
         df["file"] = [str(full_path(self.info, p)) for p in df["path"]]
         return df
 
-    def heads(self) -> "pd.DataFrame":
+    def heads(self) -> pd.DataFrame:
         """layer, head, property, confidence, texts (list), variance_explained (of the head, by its texts), stability."""
         import pandas as pd
-        labels = {(l, h): (p, c) for l, h, p, c in self.store.properties(self.info)}
-        summary = {(l, h): (e, s) for l, h, e, s in self.store.textspan_summary(self.info)}
+        labels = {(r.layer, r.head): (r.property, r.confidence) for r in self.store.properties(self.info)}
+        summary = {(r.layer, r.head): (r.explained, r.stability) for r in self.store.textspan_summary(self.info)}
         texts: dict[tuple[int, int], list[str]] = {}
-        for l, h, _, text in self.store.all_head_texts(self.info):
-            texts.setdefault((l, h), []).append(text)
+        for t in self.store.all_head_texts(self.info):
+            texts.setdefault((t.layer, t.head), []).append(t.text)
         rows = []
         for layer in self.manifest.get("head_layers", []):
             for head in range(self.manifest["heads"]):
@@ -240,10 +239,11 @@ class Run:
                                            "variance_explained", "stability"])
 
     def head(self, layer: int, head: int, k: int = 8) -> HeadView:
-        _check_count(k, "k")
+        checks.not_negative(k=k)
         import pandas as pd
         self._check_head(layer, head)
-        label = {(l, h): (p, c) for l, h, p, c in self.store.properties(self.info)}.get((layer, head), (None, None))
+        label = {(r.layer, r.head): (r.property, r.confidence)
+                 for r in self.store.properties(self.info)}.get((layer, head), (None, None))
         texts = pd.DataFrame(self.store.head_texts(self.info, layer, head),
                              columns=["rank", "text", "variance_explained", "cumulative_variance"])
         direction = self.store.head_direction(self.info, layer, head)
@@ -255,9 +255,9 @@ class Run:
         return HeadView(layer, head, label[0], label[1], texts, top, bottom)
 
     # ---- neighbours
-    def neighbours(self, image: ImageLike, layer: int, head: int, k: int = 8) -> "pd.DataFrame":
+    def neighbours(self, image: ImageLike, layer: int, head: int, k: int = 8) -> pd.DataFrame:
         """Stored images whose contribution through (layer, head) is nearest (dot product) to the image's."""
-        _check_count(k, "k")
+        checks.not_negative(k=k)
         self._check_head(layer, head)
         image_id, pil = self._resolve(image)
         if image_id is not None:
@@ -266,16 +266,16 @@ class Run:
             query = self._live_heads(pil, (layer,))[0, head]
         return self._hits(self.store.head_top_k(self.info, layer, head, query, k=k, exclude=image_id))
 
-    def text_neighbours(self, text: str, layer: int, head: int, k: int = 8) -> "pd.DataFrame":
+    def text_neighbours(self, text: str, layer: int, head: int, k: int = 8) -> pd.DataFrame:
         """Stored images whose contribution through (layer, head) points most along the text's embedding."""
-        _check_count(k, "k")
+        checks.not_negative(k=k)
         self._check_head(layer, head)
         query = self.model.encode_texts([clean_text(text)])[0].float().cpu().numpy()
         return self._hits(self.store.head_top_k(self.info, layer, head, query, k=k))
 
-    def property_neighbours(self, image: ImageLike, property: str, k: int = 4) -> "pd.DataFrame":
+    def property_neighbours(self, image: ImageLike, property: str, k: int = 4) -> pd.DataFrame:
         """Stored images nearest by the mean contribution of the heads labelled `property`."""
-        _check_count(k, "k")
+        checks.not_negative(k=k)
         names = self.store.property_names(self.info)
         if property not in names:
             raise AtlasError(f"no property vectors for {property!r} in {self.info.name} (have: {', '.join(names) or 'none'};"
@@ -295,24 +295,24 @@ class Run:
                 without: list[tuple[int, int]] | None = None) -> np.ndarray:
         """Per patch, the direct contributions of `heads` (all heads of all layers when None), less those of
         `without`, dotted with the text's embedding: [grid_h, grid_w]."""
-        from compute.maths.segment import heatmap, token_maps
+        from compute.maths.segment import heatmap
         if without:
             self._map_layers(without)
-        maps = token_maps(self.model, self._pil(image), self._map_layers(heads))
+        maps = self.model.token_maps(self._pil(image), self._map_layers(heads))
         return heatmap(maps, self.model.encode_texts([clean_text(text)])[0], heads, without)
 
     def which_heads(self, image: ImageLike, text: str, k: int | None = None) -> list:
         """Every head's map for the text, ranked by its share of the total (maths.segment.HeadShare), top k."""
-        _check_count(k, "k")
-        from compute.maths.segment import token_maps, which_heads
-        maps = token_maps(self.model, self._pil(image), self._map_layers(None))
+        checks.not_negative(k=k)
+        from compute.maths.segment import which_heads
+        maps = self.model.token_maps(self._pil(image), self._map_layers(None))
         return which_heads(maps, self.model.encode_texts([clean_text(text)])[0], k)
 
     # ---- describe and intervene
     def describe(self, image: ImageLike, k: int = 10) -> Description:
         """The texts the image's head contributions express most: each stored head's contribution, centred by
         its mean over the run's images, projected on the head's TextSpan directions (maths/describe.py)."""
-        _check_count(k, "k")
+        checks.not_negative(k=k)
         import pandas as pd
 
         from compute.maths.describe import rank_texts, span_scores
@@ -322,11 +322,11 @@ class Run:
         heads = sorted({(l, h) for l, h, *_ in picks})
         contrib = self._head_contributions(image, heads)
         scores = span_scores(contrib, self.store.head_means(self.info), picks)
-        labels = {(l, h): p for l, h, p, _ in self.store.properties(self.info)}
+        labels = {(r.layer, r.head): r.property for r in self.store.properties(self.info)}
         pairs = pd.DataFrame([(s.layer, s.head, labels.get((s.layer, s.head)), s.rank, s.text, s.score, s.share)
                               for s in sorted(scores, key=lambda s: -s.score)],
                              columns=["layer", "head", "property", "rank", "text", "score", "share"])
-        texts = pd.DataFrame([(t.text, t.score, [f"{l}.{h}" for l, h, _ in t.heads], [p for *_, p in t.heads])
+        texts = pd.DataFrame([(t.text, t.score, [head_name(l, h) for l, h, _ in t.heads], [p for *_, p in t.heads])
                               for t in rank_texts(scores)[:k]], columns=["text", "score", "heads", "head_scores"])
         return Description(texts, pairs)
 
@@ -336,10 +336,8 @@ class Run:
         the store, no forward pass: see eval/ablation.py for why the scores are e . t - sum (c_h - mu_h) . t."""
         import pandas as pd
 
-        from compute.eval.ablation import accuracy
-        from compute.eval.segmentation import default_template
         heads = self._ablation_heads(heads)
-        template = template or default_template(self.model)
+        template = template or zero_shot_template(self.model.info.architecture)
         labelled = [(i, lab) for i, _, lab in self.store.gallery(self.info, limit=self.store.image_count(self.info))
                     if lab is not None]
         classes = sorted({lab for _, lab in labelled})
@@ -349,8 +347,9 @@ class Run:
         prompts = fill_template(template, classes)
         T = self.model.encode_texts(prompts).double().cpu().numpy()
         ids, base, per_head = self._stored_scores(heads, T)
-        means = per_head.mean(1)                           # [heads, C] over every image of the run
-        ablated = base - (per_head - means[:, None]).sum(0)
+        stored_means = self.store.head_means(self.info)
+        means = np.stack([stored_means[lh] for lh in heads]) @ T.T if heads else np.zeros((0, len(T)))
+        ablated = mean_ablate(base, per_head, means)      # heads at their mean over every image of the run
         want = np.isin(ids, [i for i, _ in labelled])
         label_of = dict(labelled)
         y = np.array([classes.index(label_of[int(i)]) for i in ids[want]])
@@ -364,8 +363,8 @@ class Run:
     def _stored_scores(self, heads: list[tuple[int, int]], T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image_ids sorted, embedding . T [N, C], each head's contribution . T [len(heads), N, C]), streamed
         over the run's chunks: memory is classes-wide, not D-wide."""
-        from compute.store.readers import iter_chunks
         from compute.store.layout import RunStore
+        from compute.store.readers import iter_chunks
         ids, base, per = [], [], []
         for chunk in iter_chunks(RunStore(self.info.path), heads):
             ids.append(chunk.ids)
@@ -375,7 +374,7 @@ class Run:
         order = np.argsort(ids, kind="stable")
         return ids[order], np.concatenate(base)[order], np.concatenate(per, axis=1)[:, order]
 
-    def class_scores(self, image: ImageLike, intervention: Intervention) -> "pd.DataFrame":
+    def class_scores(self, image: ImageLike, intervention: Intervention) -> pd.DataFrame:
         """One image's scores for the intervention's classes: class, base, ablated (image . prompt)."""
         import pandas as pd
         image_id, pil = self._resolve(image)
@@ -387,18 +386,14 @@ class Run:
             d = decompose(self.model, [pil if pil is not None else self._pil(image_id)], layers=",".join(map(str, layers))
                           if layers else "last1")
             base = d.embedding[0].double().numpy() @ intervention.texts.T
-            ablated = base.copy()
-            for (l, h), mean in zip(intervention.heads, intervention.head_means):
-                ablated -= d.heads[0, layers.index(l), h].double().numpy() @ intervention.texts.T - mean
+            parts = np.stack([d.heads[0, layers.index(l), h].double().numpy() @ intervention.texts.T
+                              for l, h in intervention.heads]) if intervention.heads else np.zeros((0, len(base)))
+            ablated = mean_ablate(base[None], parts[:, None], intervention.head_means)[0]
         return pd.DataFrame({"class": intervention.classes, "base": base, "ablated": ablated})
 
     def _ablation_heads(self, heads: str | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         if isinstance(heads, str):
-            found = self.store.heads_with_property(self.info, heads)
-            if not found:
-                known = sorted({p for *_, p, _ in self.store.properties(self.info)} - {"unlabelled"})
-                raise AtlasError(f"no head of {self.info.name} is labelled {heads!r} (labelled: {', '.join(known) or 'none'})")
-            return sorted(found)
+            return self.store.heads_with_property(self.info, heads, required=True)
         out = sorted({(int(l), int(h)) for l, h in heads})
         for l, h in out:
             self._check_head(l, h)
@@ -417,16 +412,16 @@ class Run:
     def contrast(self, image: ImageLike, text_a: str, text_b: str,
                  heads: list[tuple[int, int]] | None = None) -> np.ndarray:
         """The map for A minus the map for B: positive where the image speaks for A rather than B."""
-        from compute.maths.segment import contrastive, token_maps
-        maps = token_maps(self.model, self._pil(image), self._map_layers(heads))
+        from compute.maths.segment import contrastive
+        maps = self.model.token_maps(self._pil(image), self._map_layers(heads))
         t = self.model.encode_texts([clean_text(text_a), clean_text(text_b)])
         return contrastive(maps, t[0], t[1], heads)[0]
 
     # ---- neurons (`clip-atlas neurons`)
-    def neurons(self, layer: int | None = None, order: str = "mean_norm", limit: int = 50) -> "pd.DataFrame":
+    def neurons(self, layer: int | None = None, order: str = "mean_norm", limit: int = 50) -> pd.DataFrame:
         """The neurons of one MLP layer (the first with a table when None), sorted by `order`: mean_norm,
         max_norm, direction_share, text_share or neuron."""
-        _check_count(limit, "limit")
+        checks.not_negative(limit=limit)
         import pandas as pd
         layer = self._neuron_layer(layer)
         return pd.DataFrame(self.store.neurons(self.info, layer, order, limit), columns=list(self.store.NEURON_COLUMNS))
@@ -437,10 +432,10 @@ class Run:
             raise AtlasError(f"no neuron {neuron} in layer {layer} of {self.info.name}")
         return NeuronView(layer, int(neuron), rows[0], self._hits(self.store.neuron_top_images(self.info, layer, neuron)))
 
-    def search_neurons(self, text: str, k: int = 10, layer: int | None = None) -> "pd.DataFrame":
+    def search_neurons(self, text: str, k: int = 10, layer: int | None = None) -> pd.DataFrame:
         """Neurons whose principal effect direction is closest (cosine) to the text's embedding, centred by the
         run's description pool mean when the run has one (every CLIP text shares that component)."""
-        _check_count(k, "k")
+        checks.not_negative(k=k)
         import pandas as pd
         t = self.model.encode_texts([clean_text(text)])[0].float().cpu().numpy()
         pool = self.store.text_pool(self.info)
@@ -464,9 +459,9 @@ class Run:
         return pd.DataFrame([{**info[(l, n)], "score": s} for l, n, s in hits],
                             columns=list(self.store.NEURON_COLUMNS) + ["score"])
 
-    def neurons_through_head(self, layer: int, head: int, k: int = 10) -> "pd.DataFrame":
+    def neurons_through_head(self, layer: int, head: int, k: int = 10) -> pd.DataFrame:
         """Neurons of earlier layers whose second-order effect flows mainly through head (layer, head)."""
-        _check_count(k, "k")
+        checks.not_negative(k=k)
         import pandas as pd
         return pd.DataFrame(self.store.neurons_through_head(self.info, layer, head, k),
                             columns=list(self.store.NEURON_COLUMNS))
@@ -550,7 +545,7 @@ class Run:
         """[len(layers), H, D] for one image (layers sorted)."""
         return decompose(self.model, [image], layers=list(layers)).heads[0].float().numpy()
 
-    def _hits(self, hits: list[tuple]) -> "pd.DataFrame":
+    def _hits(self, hits: list[tuple]) -> pd.DataFrame:
         """(image_id, score[, cosine]) tuples -> image_id, path, label, score, cosine (NaN when not a similarity), file."""
         import pandas as pd
         info = self.store.image_info(self.info, [h[0] for h in hits]) if hits else {}

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from compute.checks import below
 from compute.errors import AtlasError
 
 DEFAULT_STORE = "artifacts"
@@ -39,8 +40,8 @@ def _compute(a: argparse.Namespace) -> None:
 
 def _eval_ablation(a: argparse.Namespace) -> None:
     from compute.eval.ablation import format_report, read_grouped_set, run_ablation
-    from compute.runtime import pick_device
     from compute.models import load_model
+    from compute.runtime import pick_device
     from compute.store.layout import write_json_atomic
     if not str(a.out).endswith(".json"):
         raise AtlasError(f"--out must end in .json: {a.out}")
@@ -71,10 +72,9 @@ def _shapes_generate(a: argparse.Namespace) -> None:
 
 
 def _eval_segmentation(a: argparse.Namespace) -> None:
-    from compute.eval.segmentation import evaluate_segmentation, format_rows, pair_examples, write_rows
-    from compute.runtime import pick_device
+    from compute.eval.segmentation import check_methods, evaluate_segmentation, format_rows, pair_examples, write_rows
     from compute.models import load_model
-    from compute.eval.segmentation import check_methods
+    from compute.runtime import pick_device
     methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     check_methods(methods)
     for out in (a.out, a.per_image):
@@ -136,9 +136,9 @@ def _textspan(a: argparse.Namespace) -> None:
 
 
 def _index(a: argparse.Namespace) -> None:
+    from compute.jobs.index import build_index
     from compute.maths.decompose import resolve_layers
     from compute.store.layout import RunStore
-    from compute.store.index import build_index
     layers = resolve_layers(a.layers, RunStore(a.run).manifest()["layers"]) if a.layers else None
     r = build_index(a.run, layers)
     print(f"index: {r['built']} of {r['heads']} heads built ({r['heads'] - r['built']} were current) -> {r['path']}")
@@ -220,8 +220,9 @@ def _at_least(low: int):
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        why = below(value, low)
+        if why:
+            raise argparse.ArgumentTypeError(why)
         return value
     return parse
 
@@ -246,10 +247,11 @@ def _command(parent, name: str, help: str, func, run: bool = False) -> argparse.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from compute.jobs.neurons import DEFAULT_TEXTS as NEURON_TEXTS, TOP_K as NEURON_TOP_K
-    from compute.jobs.textspan import DEFAULT_M, DEFAULT_RANK
     from compute.eval.segmentation import METHODS as SEG_METHODS
     from compute.jobs.label import METHODS
+    from compute.jobs.neurons import DEFAULT_TEXTS as NEURON_TEXTS
+    from compute.jobs.neurons import TOP_K as NEURON_TOP_K
+    from compute.jobs.textspan import DEFAULT_M, DEFAULT_RANK
     p = _Parser(prog="clip-atlas", description="Decompose and interpret CLIP image embeddings.")
     sub = p.add_subparsers(dest="cmd", required=True)
 

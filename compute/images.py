@@ -1,8 +1,8 @@
 """Finding images in a folder tree and decoding them safely."""
 from __future__ import annotations
 
-import math
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

@@ -10,14 +10,17 @@ import gc
 import io
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from PIL import Image
 
 from compute.errors import AtlasError
 from compute.maths.decompose import Decomposer
+from compute.maths.segment import TokenMaps
 from compute.maths.trace import Tower, unsupported_reason
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -81,6 +84,14 @@ class LoadedModel:
         if key not in self._decomposers:
             self._decomposers[key] = Decomposer(self.model, head_layers=key[0], token_layers=key[1])
         return self._decomposers[key]
+
+    @torch.no_grad()
+    def token_maps(self, image: Image.Image, layers: list[int] | None = None) -> TokenMaps:
+        """One image's per-token direct contributions through every head of `layers` (all by default)."""
+        layers = list(range(self.info.layers)) if layers is None else layers
+        pixels = self.preprocess(image)[None].to(self.device)
+        d = self.decomposer(token_layers=tuple(layers))(pixels)
+        return TokenMaps(layers, d.tokens[0], tuple(self.info.grid))
 
     def drop_text_tower(self) -> None:
         """Free the text tower's weights (a third of a ViT-B CLIP's memory) in a model used for images only."""
@@ -213,7 +224,3 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)
     return LoadedModel(model, preprocess, tokenizer, _info(spec, arch, tag or "", random_weights, model))
-
-
-def known_models() -> list[str]:
-    return list(REGISTRY)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from compute.maths.segment import colormap
+from compute.render import colormap
 
 
 def property_grid(rows: list[tuple[int, int, str, float]], title: str = "Head properties",

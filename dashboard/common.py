@@ -13,8 +13,8 @@ from PIL import Image
 
 from compute import api
 from compute.errors import AtlasError
+from compute.headnames import head_name, parse_head
 from compute.store.query import DEFAULT_STORE, RunInfo, Store, full_path
-
 from dashboard import live
 
 DISPLAY_PX = 256
@@ -269,24 +269,23 @@ def image_grid(s: Store, run: RunInfo, hits: list[tuple], cols: int = 4, score_n
 
 
 def pick_map_heads(run: RunInfo) -> list[tuple[int, int]] | None:
-    """'All heads' (None) or one head of any layer, for live token maps (bound to ?heads=all|L,H)."""
+    """'All heads' (None) or one head of any layer, for live token maps (bound to ?heads=all|L5.H3; the older
+    ?heads=5,3 still reads)."""
     n_layers, n_heads = run.manifest["layers"], run.manifest["heads"]
     raw = param("heads", "all")
-    options = ["All heads"] + [f"L{l} H{h}" for l in range(n_layers) for h in range(n_heads)]
+    options = ["All heads"] + [head_name(l, h) for l in range(n_layers) for h in range(n_heads)]
     current = "All heads"
     if raw != "all":
         try:
-            l, h = (int(x) for x in raw.split(","))
-            current = f"L{l} H{h}" if 0 <= l < n_layers and 0 <= h < n_heads else current
-        except ValueError:
+            current = head_name(*parse_head(raw, n_layers, n_heads))
+        except AtlasError:
             pass
     choice = st.selectbox("Heads", options, index=options.index(current), key="map_heads")
     if choice == "All heads":
         set_params(heads="all")
         return None
-    l, h = (int(x[1:]) for x in choice.split())
-    set_params(heads=f"{l},{h}")
-    return [(l, h)]
+    set_params(heads=choice)
+    return [parse_head(choice)]
 
 
 DEFAULT_OPACITY = 0.55
@@ -314,7 +313,7 @@ def show_scale(vmin: float, vmax: float) -> None:
 
 def show_heatmap(image: Image.Image, heat, vmin: float, vmax: float, caption: str,
                  alpha: float = DEFAULT_OPACITY) -> None:
-    from compute.maths.segment import overlay
+    from compute.render import overlay
     shown = overlay(image, heat, vmin, vmax, alpha)
     show_image(shown, caption)
     show_scale(vmin, vmax)
@@ -334,7 +333,7 @@ def show_which_heads(image: Image.Image, shares: list, alpha: float, name: str) 
     scale, each captioned with its share of the total, and a CSV of every head's score and share."""
     import pandas as pd
 
-    from compute.maths.segment import overlay, symmetric_range
+    from compute.render import overlay, symmetric_range
     k = st.slider("Heads shown", 1, max(1, len(shares)), min(8, len(shares)), key="which_k")
     shown = shares[:k]
     if not shown:
@@ -344,7 +343,7 @@ def show_which_heads(image: Image.Image, shares: list, alpha: float, name: str) 
                          "range, so weak heads' patterns show; the caption gives it.")
     ranges = [symmetric_range(h.heat) for h in shown] if own else [symmetric_range(*[h.heat for h in shown])] * len(shown)
     tiles = [enlarged(overlay(image, h.heat, lo, hi, alpha), 128) for h, (lo, hi) in zip(shown, ranges)]
-    captions = [f"L{h.layer} H{h.head} · {h.share:+.1%}" + (f" · ±{hi:.3g}" if own else "")
+    captions = [f"{head_name(h.layer, h.head)} · {h.share:+.1%}" + (f" · ±{hi:.3g}" if own else "")
                 for h, (_, hi) in zip(shown, ranges)]
     st.image(tiles, caption=captions, width=128)
     if not own:

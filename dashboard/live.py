@@ -11,8 +11,8 @@ from PIL import Image
 
 from compute.errors import AtlasError
 from compute.images import BadImage, load_image
+from compute.maths.segment import TokenMaps
 from compute.models import LoadedModel, load_model
-from compute.maths.segment import TokenMaps, token_maps
 
 #: Uploads above this many pixels are refused (the store's compute job allows more; a page should stay quick).
 MAX_UPLOAD_PIXELS = 40_000_000
@@ -43,4 +43,4 @@ def text_embedding(spec: str, text: str) -> np.ndarray:
 
 @st.cache_data(max_entries=16, show_spinner=False, hash_funcs={Image.Image: image_key})
 def image_token_maps(spec: str, image: Image.Image) -> TokenMaps:
-    return token_maps(model(spec), image)
+    return model(spec).token_maps(image)

@@ -18,7 +18,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 @pytest.fixture(scope="module")
 def shapes_store(tmp_path_factory):
     """The trained Shapes model on 300 fresh scenes (seed 203), every step with the CLI's defaults."""
-    from compute.demo import build_shapes_store
+    from compute.shapes.pipeline import build_shapes_store
     root = tmp_path_factory.mktemp("api")
     return build_shapes_store(root / "data", root / "shapes-demo", 300, seed=203, metrics=False, progress=False)
 
@@ -37,8 +37,8 @@ def test_heads_table(run):
 
 
 def test_head_view_top_and_bottom_follow_the_direction(run, shapes_store):
-    from compute.store.readers import read_head
     from compute.store.layout import RunStore
+    from compute.store.readers import read_head
     h = run.heads()
     layer, head = (int(x) for x in h[h.property == "background"][["layer", "head"]].iloc[0])
     v = run.head(layer, head, k=5)
@@ -75,11 +75,11 @@ def test_text_and_property_neighbours(run):
 
 
 def test_segment_and_contrast_match_the_maths(run):
-    from compute.maths.segment import heatmap, token_maps
+    from compute.maths.segment import heatmap
     first = run.images().iloc[1]
     img = Image.open(first.file).convert("RGB")
     heat = run.segment(int(first.image_id), "a red circle")
-    ref = heatmap(token_maps(run.model, img), run.model.encode_texts(["a red circle"])[0])
+    ref = heatmap(run.model.token_maps(img), run.model.encode_texts(["a red circle"])[0])
     assert heat.shape == (8, 8) and np.allclose(heat, ref, atol=1e-6)
     a, b = run.segment(img, "a circle", [(5, 1)]), run.segment(img, "a square", [(5, 1)])
     assert np.allclose(run.contrast(img, "a circle", "a square", [(5, 1)]), a - b, atol=1e-6)
@@ -94,9 +94,9 @@ def test_decompose_sums_to_the_embedding(run):
 
 
 def test_which_heads_split_the_map_and_without_leaves_heads_out(run):
-    from compute.maths.segment import heatmap, token_maps, which_heads
+    from compute.maths.segment import heatmap, which_heads
     img = Image.open(run.images().file[3]).convert("RGB")
-    maps = token_maps(run.model, img)
+    maps = run.model.token_maps(img)
     t = run.model.encode_texts(["a blue square"])[0]
     shares = which_heads(maps, t)
     assert len(shares) == 6 * 8
@@ -113,8 +113,8 @@ def test_describe_projects_centred_contributions_on_the_textspan_directions(run,
     """Against a plain reference that reads the heads with pyarrow (not the query layer's DuckDB)."""
     import pyarrow.parquet as pq
 
-    from compute.store.readers import read_head
     from compute.store.layout import RunStore
+    from compute.store.readers import read_head
     store = RunStore(shapes_store)
     first = run.images().iloc[7]
     d = run.describe(int(first.image_id), k=5)

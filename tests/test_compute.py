@@ -84,8 +84,9 @@ def test_corrupt_files_are_skipped_and_listed(shapes_dir, tmp_path):
 
 
 def test_huge_image_is_refused_before_decoding(tmp_path):
-    from compute.images import BadImage, load_image
     from PIL import Image
+
+    from compute.images import BadImage, load_image
     Image.new("RGB", (400, 300)).save(tmp_path / "big.png")
     with pytest.raises(BadImage, match="too large"):
         load_image(tmp_path / "big.png", max_pixels=100_000)
@@ -234,9 +235,9 @@ def test_workers_default_to_the_cores_of_this_rank(monkeypatch):
 def test_float16_store_halves_disk_and_keeps_invariants_and_picks(tmp_path):
     """--store-dtype float16 on the trained Shapes model, 300 fresh scenes (seed 206). Fixed beforehand: the
     components sum to the embedding within 5e-4 (docs/store.md), and TextSpan's picks equal float32's."""
-    from compute.store.readers import read_components, read_images, vector_column
     from compute.jobs.textspan import run_textspan
     from compute.shapes.dataset import generate
+    from compute.store.readers import read_components, read_images, vector_column
     data = generate(300, seed=206, out=tmp_path / "data", progress=False)
     sizes, picks = {}, {}
     for dt in ("float32", "float16"):

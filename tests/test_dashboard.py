@@ -166,7 +166,7 @@ def test_text_neighbours_suggestion_fills_the_box(store):
 
 def test_topic_and_contrastive_segmentation(store):
     at = app(store, "views/topic_segmentation.py", text="a blue square", heads="5,2")
-    assert not at.exception and at.selectbox(key="map_heads").value == "L5 H2"
+    assert not at.exception and at.selectbox(key="map_heads").value == "L5.H2"
     assert len(at.get("image")) >= 3          # image, overlay, colour bar
     at = app(store, "views/contrastive.py", a="a circle", b="a square")
     assert not at.exception and len(at.get("image")) >= 5

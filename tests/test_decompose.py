@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compute.maths.decompose import Decomposer, resolve_layers
 from compute.errors import AtlasError
+from compute.maths.decompose import Decomposer, resolve_layers
 from compute.maths.trace import unsupported_reason
 
 from .conftest import random_model

@@ -15,8 +15,9 @@ from PIL import Image
 from compute.cli import main
 from compute.csvfiles import read_csv_rows
 from compute.errors import AtlasError
-from compute.eval.ablation import ablated_scores, head_scores, parse_heads, read_grouped_set, run_ablation, run_means
+from compute.eval.ablation import ablated_scores, head_scores, read_grouped_set, run_ablation, run_means
 from compute.eval.segmentation import METHODS, evaluate_segmentation, pair_examples
+from compute.headnames import parse_heads
 from compute.images import read_labels
 from compute.models import load_model
 from compute.texts import fill_template
@@ -227,8 +228,8 @@ def test_eval_ablation_command_writes_the_report(shapes_dir, grouped, tmp_path, 
 
 
 def test_run_means_are_the_stored_means(shapes_run, loaded, grouped):
-    from compute.store.readers import read_head
     from compute.store.layout import RunStore
+    from compute.store.readers import read_head
     run, _ = shapes_run
     T = loaded.encode_texts(grouped.prompts)
     means = run_means(run, [5], loaded.info.heads, T)

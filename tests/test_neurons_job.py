@@ -14,8 +14,8 @@ from compute.errors import AtlasError
 def _images(run, man):
     from PIL import Image
 
-    from compute.store.readers import read_images
     from compute.store.layout import RunStore
+    from compute.store.readers import read_images
     t = read_images(RunStore(run), columns=["image_id", "path"])
     root = man["images_root"]
     return t.column("image_id").to_numpy(), [Image.open(f"{root}/{p}").convert("RGB") for p in t.column("path").to_pylist()]

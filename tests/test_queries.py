@@ -62,10 +62,10 @@ def test_memory_mapped_index_gives_the_same_answers_and_is_dropped_when_stale(sh
     import shutil
 
     from compute.cli import main
-    from compute.store.readers import read_head
-    from compute.store.layout import RunStore
     from compute.store import index as vindex
     from compute.store.index import open_head_index, top_k
+    from compute.store.layout import RunStore
+    from compute.store.readers import read_head
     run = tmp_path / "run"
     shutil.copytree(shapes_run[0], run)
     s = Store(tmp_path)

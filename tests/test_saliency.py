@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from compute.maths.saliency import baseline_maps, rollout_matrix, trace_attention
-from compute.maths.trace import Tower
 from compute.maths.segmetrics import SegmentationScores, average_precision
+from compute.maths.trace import Tower
 
 from .conftest import random_model
-
 
 # ---------------------------------------------------------------- metrics
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from compute.shapes.world import (ATTRIBUTES, COLORS, Renderer, Tie, WorldSpec, caption, position_center)
+from compute.shapes.world import ATTRIBUTES, COLORS, Renderer, Tie, WorldSpec, caption, position_center
 
 
 def test_generator_is_deterministic(tmp_path):
@@ -164,7 +164,7 @@ def test_demo_uses_the_cli_defaults():
     """No hidden tuning: the demo passes no setting that the CLI does not use by default."""
     import inspect
 
-    from compute import demo
+    from compute.shapes import pipeline as demo
     src = inspect.getsource(demo.build_shapes_store)
     for call in ("run_textspan(str(run), progress=progress)", "run_label(str(run))",
                  'ComputeConfig(model, str(data), str(run))', 'model: str = "shapes"'):

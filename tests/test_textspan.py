@@ -186,7 +186,7 @@ def test_grammar_helpers_known_answers():
 
 def test_general_pool_grammar():
     """The rules the generator can get wrong: a/an by sound, counts with plurals, no 'a pair of' a single thing."""
-    from compute.texts.build_pools import COUNTS, CONSONANT_SOUND, VOWEL_SOUND, W, plural
+    from compute.texts.build_pools import CONSONANT_SOUND, COUNTS, VOWEL_SOUND, W, plural
     texts = load_pool("general").texts
     singular = {w for words in W.values() for w in words}
     plurals = {plural(w) for w in singular}

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from compute import checks
 from compute.csvfiles import read_csv_rows
 from compute.errors import AtlasError
+from compute.headnames import parse_heads
 from compute.images import BadImage, load_image
 from compute.models import LoadedModel
 
@@ -61,18 +63,7 @@ def read_grouped_set(images: str | Path, groups_csv: str | Path, classes_csv: st
                       [r["prompt"] for r in cls_rows], group_names)
 
 
-def parse_heads(spec: str, n_layers: int, n_heads: int) -> list[tuple[int, int]]:
-    """'L.H,L.H,...' -> [(L, H), ...]."""
-    out = []
-    for item in spec.split(","):
-        layer, dot, head = item.strip().partition(".")
-        if not dot or not layer.lstrip("-").isdigit() or not head.isdigit():
-            raise AtlasError(f"bad head {item.strip()!r}: write heads as LAYER.HEAD, e.g. 10.3,11.7")
-        lh = (int(layer) % n_layers if int(layer) < 0 else int(layer), int(head))
-        if not (0 <= lh[0] < n_layers and 0 <= lh[1] < n_heads):
-            raise AtlasError(f"head {item.strip()} is outside a model with {n_layers} layers of {n_heads} heads")
-        out.append(lh)
-    return sorted(set(out))
+
 
 
 @dataclass
@@ -119,51 +110,48 @@ def accuracy(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, group_n
     return {"average": float(correct.mean()), "worst_group": min(per.values()), "groups": per}
 
 
+def looks_like_heads(text: str) -> bool:
+    """A list of heads (L10.H3,11.7), not a property's name."""
+    return all(ch.isdigit() or ch in ".,- lLhH" for ch in text) and any(ch.isdigit() for ch in text)
+
+
+def mean_ablate(total: np.ndarray, parts: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """`total` [N, ...] with each of the parts [K, N, ...] replaced by its mean [K, ...]: total - sum_k (part_k -
+    mean_k). The one mean ablation: of embeddings (D-wide) or of their scores on texts (classes-wide) alike."""
+    return total - (parts - means[:, None]).sum(0)
+
+
 def ablated_scores(hs: HeadScores, heads: list[tuple[int, int]], means: np.ndarray) -> np.ndarray:
     """Base scores with each listed head's score replaced by its mean score; means is [len(layers), H, C]."""
-    out = hs.base.copy()
-    for layer, h in heads:
-        li = hs.layers.index(layer)
-        out -= hs.heads[:, li, h] - means[li, h]
-    return out
+    idx = [(hs.layers.index(layer), h) for layer, h in heads]
+    if not idx:
+        return hs.base.copy()
+    parts = np.stack([hs.heads[:, li, h] for li, h in idx])
+    return mean_ablate(hs.base, parts, np.stack([means[li, h] for li, h in idx]))
 
 
 def run_means(run: str | Path, layers: list[int], n_heads: int, texts: torch.Tensor) -> np.ndarray:
     """Mean head contributions over a run's images, projected on the class texts: [len(layers), H, C]."""
-    from compute.store.readers import iter_head
     from compute.store.layout import RunStore
+    from compute.store.readers import head_means
     store = RunStore(run)
     stored = store.manifest().get("head_layers", [])
     missing = sorted(set(layers) - set(stored))
     if missing:
         raise AtlasError(f"{run} stores no heads of layer {missing[0]}; recompute it with --layers including it")
     T = texts.double().cpu().numpy().T
-    out = np.zeros((len(layers), n_heads, T.shape[1]))
-    for li, layer in enumerate(layers):
-        for h in range(n_heads):
-            total, n = 0.0, 0
-            for _, c in iter_head(store, layer, h):
-                total = total + c.astype(np.float64).sum(0)
-                n += len(c)
-            out[li, h] = (total / n) @ T
-    return out
+    means = head_means(store, [(layer, h) for layer in layers for h in range(n_heads)])
+    return (means @ T).reshape(len(layers), n_heads, T.shape[1])
 
 
 def property_heads(run: str | Path, prop: str) -> tuple[list[tuple[int, int]], list[int]]:
     """(the heads a run labels `prop`, the layers its labels were chosen among)."""
-    import pyarrow.parquet as pq
-
-    from compute.store.layout import RunStore
-    store = RunStore(run)
-    path = store.table_path("properties")
-    if not path.is_file():
-        raise AtlasError(f"{run} has no labels; run `clip-atlas label {run}` first")
-    rows = pq.read_table(path, columns=["layer", "head", "property"]).to_pylist()
-    heads = sorted((r["layer"], r["head"]) for r in rows if r["property"] == prop)
-    if not heads:
-        known = sorted({r["property"] for r in rows} - {"unlabelled"})
-        raise AtlasError(f"no head of {run} is labelled {prop!r} (labelled: {', '.join(known) or 'none'})")
-    layers = store.manifest().get("textspan", {}).get("layers") or sorted({r["layer"] for r in rows})
+    from compute.store.query import Store
+    run = Path(run).resolve()
+    store = Store(run.parent)
+    info = store.run(run.name)
+    heads = store.heads_with_property(info, prop, required=True)
+    layers = info.manifest.get("textspan", {}).get("layers") or sorted({r.layer for r in store.properties(info)})
     return heads, sorted(layers)
 
 
@@ -171,8 +159,7 @@ def run_ablation(loaded: LoadedModel, data: GroupedSet, ablate: str | None = Non
                  random_k: int = 5, seed: int = 0, mean_from: str = "eval", progress: bool = True) -> dict:
     """The JSON report: {"conditions": [{"name", "average", "worst_group", "heads", "groups"}, ...], ...}."""
     info = loaded.info
-    if mean_from not in ("eval", "run"):
-        raise AtlasError("--mean-from must be eval or run")
+    checks.one_of("mean_from", mean_from, ("eval", "run"))
     if run is not None:
         from compute.store.layout import RunStore
         if not RunStore(run).exists():
@@ -182,7 +169,7 @@ def run_ablation(loaded: LoadedModel, data: GroupedSet, ablate: str | None = Non
             raise AtlasError(f"{run} was computed with {run_model}, not {info.spec}: its labels describe another model")
     heads, layers = [], []
     if ablate:
-        if all(ch.isdigit() or ch in ".,- " for ch in ablate):
+        if looks_like_heads(ablate):
             heads = parse_heads(ablate, info.layers, info.heads)
             layers = sorted({lh[0] for lh in heads})
         elif run is None:

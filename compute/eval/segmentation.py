@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from compute import checks
 from compute.csvfiles import read_csv_rows
 from compute.errors import AtlasError
 from compute.images import BadImage, find_images, load_image, read_labels
@@ -28,11 +29,10 @@ from compute.maths.decompose import resolve_layers
 from compute.maths.saliency import BASELINES, baseline_maps
 from compute.maths.segmetrics import SegmentationScores
 from compute.models import LoadedModel
-from compute.texts import fill_template
+from compute.texts import fill_template, zero_shot_template
 
 METHODS = ("decomposition",) + BASELINES
 #: 'auto' picks the prompt a model was trained with: Shapes captions name the object bare, web CLIPs the photo.
-TEMPLATES = {"shapes": "a {}", "default": "a photo of a {}."}
 
 
 @dataclass
@@ -69,16 +69,11 @@ def check_methods(methods: tuple[str, ...]) -> None:
         raise AtlasError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
 
 
-def default_template(loaded: LoadedModel) -> str:
-    return TEMPLATES["shapes" if loaded.info.architecture.startswith("clip-atlas-shapes") else "default"]
-
-
 def pair_examples(images: str | Path, masks: str | Path, labels: str | Path | None = None,
                   limit: int | None = None, need_labels: bool = True) -> Pairing:
     """Images with their masks and labels; images without a mask (or a label, when one is needed) are counted,
     not used."""
-    if limit is not None and limit < 1:
-        raise AtlasError("--limit must be at least 1")
+    checks.at_least(1, limit=limit)
     images, masks = Path(images), Path(masks)
     if not masks.is_dir():
         raise AtlasError(f"mask folder not found: {masks}")
@@ -167,7 +162,7 @@ def evaluate_segmentation(loaded: LoadedModel, pairing: Pairing, methods: tuple[
         labels, emb = class_texts(loaded, classes)
     else:
         labels = sorted({e.label for e in pairing.examples})
-        emb = loaded.encode_texts(fill_template(template or default_template(loaded), labels))
+        emb = loaded.encode_texts(fill_template(template or zero_shot_template(loaded.info.architecture), labels))
     text_emb = dict(zip(labels, emb))
     # the decomposition map reads each token against its label's text minus the mean text of all labels, so what
     # every class shares does not light up the background (as the authors' code does), and clips at zero

@@ -1,18 +1,17 @@
 """`clip-atlas compute`: images -> decomposition -> Parquet store, resumable and rank-parallel."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from compute.maths.decompose import Decomposer, component_layout, resolve_layers
+from compute import checks
 from compute.errors import AtlasError
 from compute.images import find_images
+from compute.maths.decompose import Decomposer, component_layout, resolve_layers
 from compute.models import LoadedModel, load_model
 from compute.runtime import Distributed, decoded_batches, default_workers, pick_device
 from compute.store.layout import STORE_DTYPES, Chunk, RunStore
@@ -49,15 +48,11 @@ def versions() -> dict[str, str]:
 
 def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress: bool = True) -> dict:
     """Compute (or resume) a run; returns its final manifest."""
-    for name in ("batch_size", "limit", "chunk_size", "workers"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise AtlasError(f"--{name.replace('_', '-')} must be at least 1")
+    checks.at_least(1, batch_size=cfg.batch_size, limit=cfg.limit, chunk_size=cfg.chunk_size, workers=cfg.workers)
     root = Path(cfg.images)
     refs = find_images(root, cfg.labels, cfg.limit)
     device = pick_device(cfg.device)
-    if cfg.store_dtype not in STORE_DTYPES:
-        raise AtlasError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
+    checks.one_of("store_dtype", cfg.store_dtype, STORE_DTYPES)
     if cfg.precision != "fp32" and device.type != "cuda":
         raise AtlasError("bf16/fp16 autocast needs a GPU; use --precision fp32 on CPU")
     if loaded is None:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -11,8 +11,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from compute.errors import AtlasError
+from compute.eval.ablation import mean_ablate
 from compute.jobs.label import UNLABELLED, HeadLabel
-from compute.store.layout import RunStore, list_runs
+from compute.store.layout import RunStore
+from compute.texts import fill_template, zero_shot_template
 
 
 def association(labels: list[HeadLabel]) -> float:
@@ -32,14 +34,11 @@ def entanglement(labels: list[HeadLabel]) -> float:
 
 def ablation_cosine(embeddings: np.ndarray, part: np.ndarray) -> float:
     """Mean cosine between each embedding and the one where `part` [N, D] is replaced by its mean over images."""
-    ablated = embeddings - part + part.mean(0, keepdims=True)
+    ablated = mean_ablate(embeddings, part[None], part.mean(0, keepdims=True))
     num = (embeddings * ablated).sum(1)
     den = np.linalg.norm(embeddings, axis=1) * np.linalg.norm(ablated, axis=1)
     return float(np.mean(num / np.maximum(den, 1e-12)))
 
-
-def zero_shot_accuracy(embeddings: np.ndarray, class_emb: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(np.argmax(embeddings @ class_emb.T, 1) == labels))
 
 
 def textspan_reconstruction(C: np.ndarray, directions: np.ndarray) -> np.ndarray:
@@ -53,13 +52,14 @@ def textspan_reconstruction_around(C: np.ndarray, mean: np.ndarray, directions: 
     return mean + ((C - mean) @ directions.transpose(0, 2, 1)) @ directions
 
 
-def _rows(run: str, model: str) -> tuple[dict[str, list], Callable[..., None]]:
-    rows: dict[str, list] = {k: [] for k in ("run", "model", "scope", "layer", "head", "metric", "value")}
-
-    def add(scope: str, metric: str, value: float, layer: int | None = None, head: int | None = None) -> None:
-        for k, v in zip(rows, (run, model, scope, layer, head, metric, float(value))):
-            rows[k].append(v)
-    return rows, add
+@dataclass
+class Metric:
+    """One row of metrics.parquet."""
+    scope: str                  # model | layer | head
+    metric: str
+    value: float
+    layer: int | None = None
+    head: int | None = None
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -71,16 +71,18 @@ def run_metrics(run: str, progress: bool = True) -> pa.Table:
 
     Two streamed passes over the run's chunks (memory: one chunk's rows, whatever the number of images):
     the first sums what the mean ablations need, the second scores each image against those means."""
-    from compute.store.readers import iter_chunks, vector_column
     from compute.maths.decompose import component_layout
+    from compute.store.readers import iter_chunks, vector_column
     store = RunStore(run)
-    man = store.manifest()
-    if man.get("status") != "complete":
-        raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
-    rows, add = _rows(store.root.name, man["model"])
+    man = store.require_complete()
+    rows: list[Metric] = []
+
+    def add(scope: str, metric: str, value: float, layer: int | None = None, head: int | None = None) -> None:
+        rows.append(Metric(scope, metric, float(value), layer, head))
+
     kinds, layers = component_layout(man["layers"])
     labels_col = pq.read_table(store.root / "images", columns=["label"]).column("label").to_pylist()
-    zs = _zero_shot_setup(man["model"], labels_col) if any(labels_col) else None
+    zs = _zero_shot_setup(man["model"], man["architecture"], labels_col) if any(labels_col) else None
     index = {n: i for i, n in enumerate(zs[2])} if zs else {}
     ablated = [k for k, kd in enumerate(kinds) if kd in ("attn", "mlp")]
     # TextSpan: each head's directions, when present
@@ -116,7 +118,7 @@ def run_metrics(run: str, progress: bool = True) -> pa.Table:
     for chunk in iter_chunks(store, pairs, components=True, labels=True):
         emb, y = chunk.embedding, labels_of(chunk) if zs else None
         for k in ablated:
-            abl = emb - chunk.components[:, k] + comp_mean[k]
+            abl = mean_ablate(emb, chunk.components[None, :, k], comp_mean[None, k])
             cos_sum[k] += _cosine(emb, abl).sum()
             if zs:
                 zs_sum[k] += int((np.argmax(abl @ zs[0].T, 1) == y).sum())
@@ -147,42 +149,34 @@ def run_metrics(run: str, progress: bool = True) -> pa.Table:
         add("model", "labelled_heads", sum(x.property != UNLABELLED for x in labels))
         for x in labels:
             add("head", "property_confidence", x.confidence, x.layer, x.head)
-    table = pa.table({"run": rows["run"], "model": rows["model"], "scope": rows["scope"],
-                      "layer": pa.array(rows["layer"], pa.int16()), "head": pa.array(rows["head"], pa.int16()),
-                      "metric": rows["metric"], "value": pa.array(rows["value"], pa.float64())})
+    table = pa.table({"run": [store.root.name] * len(rows), "model": [man["model"]] * len(rows),
+                      "scope": [r.scope for r in rows], "layer": pa.array([r.layer for r in rows], pa.int16()),
+                      "head": pa.array([r.head for r in rows], pa.int16()), "metric": [r.metric for r in rows],
+                      "value": pa.array([r.value for r in rows], pa.float64())})
     store.write_derived("metrics", table)
     return table
 
 
-def _zero_shot_setup(model: str, labels: list[str | None]):
+def _zero_shot_setup(model: str, architecture: str, labels: list[str | None]):
     """Class-name embeddings and integer labels, for the images that have a label."""
     from compute.models import load_model
     names = sorted({l for l in labels if l})
     if len(names) < 2 or len(names) > 1000:
         return None
     loaded = load_model(model)
-    class_emb = loaded.encode_texts([f"a photo of a {n}." for n in names]).cpu().numpy()
+    class_emb = loaded.encode_texts(fill_template(zero_shot_template(architecture), names)).cpu().numpy()
     index = {n: i for i, n in enumerate(names)}
     y = np.array([index.get(l, -1) for l in labels])
     return class_emb, y, names
 
 
-LEADERBOARD_SQL = """
-SELECT run, model, metric, value
-FROM read_parquet(?, union_by_name = true)
-WHERE scope = 'model'
-ORDER BY run, metric
-"""
-
-
 def leaderboard(store: str | Path = "artifacts") -> tuple[list[str], list[dict]]:
-    """(metric names, one row per run) from every RUN/metrics.parquet under the store, in one DuckDB query."""
-    import duckdb
-    runs = [r for r in list_runs(store) if (r / "metrics.parquet").is_file()]
-    if not runs:
+    """(metric names, one row per run) from every complete run's metrics under the store (the query layer's
+    leaderboard, pivoted for the terminal)."""
+    from compute.store.query import Store
+    rows = Store(store).leaderboard()
+    if not rows:
         raise AtlasError(f"no runs with metrics under {store}; run `clip-atlas metrics RUN` first")
-    con = duckdb.connect()
-    rows = con.execute(LEADERBOARD_SQL, [[str(r / "metrics.parquet") for r in runs]]).fetchall()
     table: dict[str, dict] = {}
     metrics: list[str] = []
     for run, model, metric, value in rows:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from compute import checks
 from compute.errors import AtlasError
 from compute.store.layout import RunStore, vectors, write_table_atomic
 
@@ -126,20 +127,16 @@ def run_neurons(run: str, layers: str | None = None, images: int | None = None, 
                 top_k: int = TOP_K, batch_size: int = 32, device: str = "auto", workers: int | None = None,
                 progress: bool = True, loaded=None) -> dict:
     """Writes RUN/neurons/layer=L.parquet for each chosen MLP layer; returns the updated manifest."""
-    from compute.store.readers import read_images
     from compute.images import ImageRef
-    from compute.runtime import decoded_batches, default_workers, pick_device
     from compute.maths.decompose import resolve_layers
     from compute.maths.neurons import default_neuron_layers, neuron_unsupported_reason, trace
     from compute.models import load_model
+    from compute.runtime import decoded_batches, default_workers, pick_device
+    from compute.store.readers import read_images
 
     store = RunStore(run)
-    man = store.manifest()
-    if man.get("status") != "complete":
-        raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
-    for name, value in (("images", images), ("texts", texts), ("top-k", top_k), ("batch-size", batch_size)):
-        if value is not None and value < 1:
-            raise AtlasError(f"--{name} must be at least 1")
+    man = store.require_complete()
+    checks.at_least(1, images=images, texts=texts, top_k=top_k, batch_size=batch_size)
     n_layers = man["layers"]
     chosen = default_neuron_layers(n_layers) if layers is None else resolve_layers(layers, n_layers)
     if not chosen:
@@ -214,8 +211,8 @@ def _pool(store: RunStore, man: dict, loaded, progress: bool) -> tuple[list[str]
         from compute.store.readers import vector_column
         t = pq.read_table(path, columns=["text", "embedding"])
         return t.column("text").to_pylist(), vector_column(t, "embedding"), man.get("textspan", {}).get("pool", "run")
-    from compute.texts import load_pool
     from compute.jobs.textspan import default_pool
+    from compute.texts import load_pool
     name = default_pool(man.get("architecture", ""))
     pool = load_pool(name)
     return pool.texts, loaded.encode_texts(pool.texts, progress=progress).float().cpu().numpy(), name

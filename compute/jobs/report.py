@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from compute.errors import AtlasError
+from compute.headnames import head_name
 from compute.store.query import Store, manifest_summary
 
 
@@ -48,26 +49,27 @@ def build_report(run: str | Path) -> str:
              "<h2>Run</h2>", _table(["field", "value"], [[html.escape(k), _fmt(v)] for k, v in manifest_summary(info).items()])]
     metrics = s.metrics(info, "model")
     parts.append("<h2>Metrics</h2>")
-    parts.append(_table(["metric", "value"], [[html.escape(mm), _fmt(v)] for _, _, mm, v in metrics])
+    parts.append(_table(["metric", "value"], [[html.escape(r.metric), _fmt(r.value)] for r in metrics])
                  if metrics else "<p>No metrics yet: <code>clip-atlas metrics RUN</code>.</p>")
     props = s.properties(info)
     parts.append("<h2>Head properties</h2>")
     if props:
-        names = sorted({p for _, _, p, _ in props})
-        by = {(l, h): (p, c) for l, h, p, c in props}
-        layers = sorted({l for l, _, _, _ in props}, reverse=True)
+        names = sorted({r.property for r in props})
+        by = {(r.layer, r.head): (r.property, r.confidence) for r in props}
+        layers = sorted({r.layer for r in props}, reverse=True)
         grid = [[f"<b>L{l}</b>"] + [
-            (f'<span class=cell style="background:{_colour(by[(l, h)][0], names)}" title="L{l}.H{h}: '
+            (f'<span class=cell style="background:{_colour(by[(l, h)][0], names)}" title="{head_name(l, h)}: '
              f'{html.escape(by[(l, h)][0])} ({by[(l, h)][1]:.0%})">{html.escape(by[(l, h)][0][:4])}</span>')
             if (l, h) in by else "" for h in range(m["heads"])] for l in layers]
         parts.append(_table(["layer"] + [f"H{h}" for h in range(m["heads"])], grid, "grid"))
         legend = " ".join(f'<span class=cell style="background:{_colour(n, names)}">{html.escape(n)}</span>' for n in names)
         parts.append(f"<p>{legend}</p>")
         texts: dict[tuple[int, int], list[str]] = {}
-        for l, h, _, t in s.all_head_texts(info):
-            texts.setdefault((l, h), []).append(t)
-        rows = [[f"L{l}.H{h}", html.escape(p), f"{c:.0%}", html.escape(" · ".join(texts.get((l, h), [])[:5]))]
-                for l, h, p, c in props if p != "unlabelled"]
+        for row in s.all_head_texts(info):
+            texts.setdefault((row.layer, row.head), []).append(row.text)
+        rows = [[head_name(r.layer, r.head), html.escape(r.property), f"{r.confidence:.0%}",
+                 html.escape(" · ".join(texts.get((r.layer, r.head), [])[:5]))]
+                for r in props if r.property != "unlabelled"]
         parts += ["<h2>Labelled heads and their TextSpan texts</h2>",
                   _table(["head", "property", "confidence", "first texts"], rows)]
     else:
@@ -77,7 +79,7 @@ def build_report(run: str | Path) -> str:
         parts += [f"<h2>MLP layer {layer}: the neurons with the largest second-order effect</h2>",
                   _table(["neuron", "mean effect", "one direction", "main head", "texts"],
                          [[r["neuron"], f"{r['mean_norm']:.3g}", f"{r['direction_share']:.0%}",
-                           f"L{r['main_head_layer']}.H{r['main_head']}", html.escape(" · ".join(r["texts"]))] for r in top])]
+                           head_name(r['main_head_layer'], r['main_head']), html.escape(" · ".join(r["texts"]))] for r in top])]
     if m.get("shapes_eval"):
         parts += ["<h2>Shapes ground truth</h2>",
                   _table(["figure", "value"], [[html.escape(k), _fmt(v)] for k, v in m["shapes_eval"].items()])]

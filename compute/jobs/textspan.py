@@ -6,16 +6,27 @@ images. TextSpan runs on the whole set (the stored picks) and on each half (the 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from compute import checks
 from compute.errors import AtlasError
-from compute.store.readers import iter_head
+from compute.maths.textspan import (
+    PICK_FLOOR,
+    STABILITY_K,
+    UNSTABLE_BELOW,
+    Moments,
+    TextSpanResult,
+    half_of,
+    pick_overlap,
+    textspan_from_moments,
+)
 from compute.store.layout import LEGACY_FIELDS, RunStore, stored_head_layers, vectors
-from compute.maths.textspan import (PICK_FLOOR, STABILITY_K, UNSTABLE_BELOW, Moments, TextSpanResult, half_of, pick_overlap,
-                        textspan_from_moments)
+from compute.store.readers import iter_head
 
 DEFAULT_M = 10      # chosen on tuning seeds: docs/textspan.md
 DEFAULT_RANK = 80
@@ -51,16 +62,13 @@ def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = D
                  progress: bool = True) -> dict:
     """Writes RUN/texts.parquet, RUN/textspan.parquet (picks) and RUN/textspan_heads.parquet (per-head summary)."""
     from compute.maths.decompose import resolve_layers
-    from compute.runtime import pick_device
     from compute.models import load_model
+    from compute.runtime import pick_device
     from compute.texts import load_pool
 
     store = RunStore(run)
-    man = store.manifest()
-    if man.get("status") != "complete":
-        raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
-    if m < 1 or rank < 1:
-        raise AtlasError("--m and --rank must be positive")
+    man = store.require_complete()
+    checks.at_least(1, m=m, rank=rank)
     chosen = stored_head_layers(man, None if layers is None else resolve_layers(layers, man["layers"]), run)
     store_dtype = man.get("store_dtype", LEGACY_FIELDS["store_dtype"])
     if pool == "auto":
@@ -73,12 +81,8 @@ def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = D
         "text_id": pa.array(range(len(texts.texts)), pa.int32()), "text": texts.texts,
         "tags": pa.array(texts.tags, pa.list_(pa.string())), "embedding": vectors(T.cpu().numpy())}))
     pairs = [(l, h) for l in chosen for h in range(man["heads"])]
-    picks_out: dict[str, list] = {k: [] for k in ("layer", "head", "rank", "text_id", "variance_explained",
-                                                  "cumulative_variance")}
-    heads_out: dict[str, list] = {k: [] for k in ("layer", "head", "effective_rank", "picks", "total_variance",
-                                                  "explained", "stability", "picks_a", "picks_b", "basis",
-                                                  "span_covariance")}
-    dirs = []
+    picks: list[Pick] = []
+    heads: list[HeadSummary] = []
     bar = tqdm(total=len(pairs), desc="textspan", unit="head", disable=not progress)
     for i in range(0, len(pairs), heads_per_batch):
         group = pairs[i:i + heads_per_batch]
@@ -86,32 +90,29 @@ def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = D
         whole = a + b
         res = textspan_from_moments(whole, T, m=m, rank=rank, floor=floor, store_dtype=store_dtype)
         ra, rb = (textspan_from_moments(x, T, m=m, rank=rank, floor=floor, store_dtype=store_dtype) for x in (a, b))
-        _collect(group, res, ra, rb, picks_out, heads_out, dirs)
-        for g, r in enumerate(res.rank.tolist()):
-            heads_out["basis"].append(res.basis[g, :r].float().cpu().numpy().reshape(-1))
-            heads_out["span_covariance"].append(res.span_covariance[g, :r, :r].cpu().numpy().reshape(-1))
+        _collect(group, res, ra, rb, picks, heads)
         bar.update(len(group))
     bar.close()
-    n = len(picks_out["layer"])
+    D = T.shape[1]
     store.write_derived("textspan", pa.table({
-        "layer": pa.array(picks_out["layer"], pa.int16()), "head": pa.array(picks_out["head"], pa.int16()),
-        "rank": pa.array(picks_out["rank"], pa.int16()), "text_id": pa.array(picks_out["text_id"], pa.int32()),
-        "text": [texts.texts[j] for j in picks_out["text_id"]],
-        "variance_explained": pa.array(picks_out["variance_explained"], pa.float32()),
-        "cumulative_variance": pa.array(picks_out["cumulative_variance"], pa.float32()),
-        "direction": vectors(np.concatenate(dirs) if n else np.zeros((0, T.shape[1]), np.float32))}))
-    stab = np.array(heads_out["stability"])
+        "layer": pa.array([p.layer for p in picks], pa.int16()), "head": pa.array([p.head for p in picks], pa.int16()),
+        "rank": pa.array([p.rank for p in picks], pa.int16()), "text_id": pa.array([p.text_id for p in picks], pa.int32()),
+        "text": [texts.texts[p.text_id] for p in picks],
+        "variance_explained": pa.array([p.variance_explained for p in picks], pa.float32()),
+        "cumulative_variance": pa.array([p.cumulative_variance for p in picks], pa.float32()),
+        "direction": vectors(np.stack([p.direction for p in picks]) if picks else np.zeros((0, D), np.float32))}))
+    stab = np.array([h.stability for h in heads])
     store.write_derived("textspan_heads", pa.table({
-        "layer": pa.array(heads_out["layer"], pa.int16()), "head": pa.array(heads_out["head"], pa.int16()),
-        "effective_rank": pa.array(heads_out["effective_rank"], pa.int16()),
-        "picks": pa.array(heads_out["picks"], pa.int16()),
-        "total_variance": pa.array(heads_out["total_variance"], pa.float64()),
-        "explained": pa.array(heads_out["explained"], pa.float32()),
+        "layer": pa.array([h.layer for h in heads], pa.int16()), "head": pa.array([h.head for h in heads], pa.int16()),
+        "effective_rank": pa.array([h.effective_rank for h in heads], pa.int16()),
+        "picks": pa.array([h.picks for h in heads], pa.int16()),
+        "total_variance": pa.array([h.total_variance for h in heads], pa.float64()),
+        "explained": pa.array([h.explained for h in heads], pa.float32()),
         "stability": pa.array(stab, pa.float32()), "stable": pa.array(stab >= UNSTABLE_BELOW),
-        "picks_a": pa.array(heads_out["picks_a"], pa.list_(pa.int32())),
-        "picks_b": pa.array(heads_out["picks_b"], pa.list_(pa.int32())),
-        "basis": pa.array(heads_out["basis"], pa.list_(pa.float32())),
-        "span_covariance": pa.array(heads_out["span_covariance"], pa.list_(pa.float64()))}))
+        "picks_a": pa.array([h.picks_a for h in heads], pa.list_(pa.int32())),
+        "picks_b": pa.array([h.picks_b for h in heads], pa.list_(pa.int32())),
+        "basis": pa.array([h.basis for h in heads], pa.list_(pa.float32())),
+        "span_covariance": pa.array([h.span_covariance for h in heads], pa.list_(pa.float64()))}))
     return store.update_manifest(textspan={
         "pool": pool, "texts": len(texts.texts), "m": m, "rank": rank, "floor": floor, "layers": chosen,
         "stability_k": STABILITY_K, "unstable_below": UNSTABLE_BELOW,
@@ -119,16 +120,43 @@ def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = D
         "unstable_heads": int((stab < UNSTABLE_BELOW).sum())})
 
 
-def _collect(group, res: TextSpanResult, ra: TextSpanResult, rb: TextSpanResult, picks_out, heads_out, dirs) -> None:
+@dataclass
+class Pick:
+    """One row of textspan.parquet: a head's rank-th text."""
+    layer: int
+    head: int
+    rank: int
+    text_id: int
+    variance_explained: float
+    cumulative_variance: float
+    direction: np.ndarray
+
+
+@dataclass
+class HeadSummary:
+    """One row of textspan_heads.parquet."""
+    layer: int
+    head: int
+    effective_rank: int
+    picks: int
+    total_variance: float
+    explained: float
+    stability: float
+    picks_a: list[int]
+    picks_b: list[int]
+    basis: np.ndarray            # [effective_rank * D] the head's orthonormal span, flattened
+    span_covariance: np.ndarray  # [effective_rank ** 2] the contributions' covariance in that span, flattened
+
+
+def _collect(group, res: TextSpanResult, ra: TextSpanResult, rb: TextSpanResult, picks: list[Pick],
+             heads: list[HeadSummary]) -> None:
     ve, cum = res.variance_explained.cpu().numpy(), res.cumulative.cpu().numpy()
     d = res.directions.float().cpu().numpy()
     for g, (layer, head) in enumerate(group):
         chosen, pa_, pb_ = res.head_picks(g), ra.head_picks(g), rb.head_picks(g)
-        for r, j in enumerate(chosen):
-            for k, v in zip(picks_out, (layer, head, r, j, float(ve[g, r]), float(cum[g, r]))):
-                picks_out[k].append(v)
-        dirs.append(d[g, :len(chosen)])
-        for k, v in zip(heads_out, (layer, head, int(res.rank[g]), len(chosen), float(res.total_variance[g]),
-                                    float(cum[g, len(chosen) - 1]) if chosen else 0.0,
-                                    pick_overlap(pa_, pb_), pa_, pb_)):
-            heads_out[k].append(v)
+        picks += [Pick(layer, head, r, j, float(ve[g, r]), float(cum[g, r]), d[g, r]) for r, j in enumerate(chosen)]
+        r = int(res.rank[g])
+        heads.append(HeadSummary(
+            layer, head, r, len(chosen), float(res.total_variance[g]),
+            float(cum[g, len(chosen) - 1]) if chosen else 0.0, pick_overlap(pa_, pb_), pa_, pb_,
+            res.basis[g, :r].float().cpu().numpy().reshape(-1), res.span_covariance[g, :r, :r].cpu().numpy().reshape(-1)))

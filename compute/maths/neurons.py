@@ -143,7 +143,7 @@ class SecondOrder:
         return self.coefficients(trace(self.dec, images, (self.layer,)))
 
     @torch.no_grad()
-    def coefficients(self, tr: "Trace") -> NeuronBatch:
+    def coefficients(self, tr: Trace) -> NeuronBatch:
         """This layer's neurons' coefficients from a forward `trace` that recorded this layer (one trace can serve
         several layers and neuron slices)."""
         dec, fd = self.dec, self.dec.fold_dtype

@@ -48,12 +48,12 @@ class Moments:
     gram: torch.Tensor
 
     @classmethod
-    def zeros(cls, heads: int, dim: int, device: torch.device | str = "cpu") -> "Moments":
+    def zeros(cls, heads: int, dim: int, device: torch.device | str = "cpu") -> Moments:
         return cls(0, torch.zeros(heads, dim, dtype=torch.float64, device=device),
                    torch.zeros(heads, dim, dim, dtype=torch.float64, device=device))
 
     @classmethod
-    def of(cls, C: torch.Tensor) -> "Moments":
+    def of(cls, C: torch.Tensor) -> Moments:
         """Moments of [H, N, D] (or [N, D]) rows."""
         if C.ndim == 2:
             C = C[None]
@@ -67,7 +67,7 @@ class Moments:
         self.sum += Cd.sum(1)
         self.gram += Cd.transpose(-1, -2) @ Cd
 
-    def __add__(self, other: "Moments") -> "Moments":
+    def __add__(self, other: Moments) -> Moments:
         return Moments(self.n + other.n, self.sum + other.sum, self.gram + other.gram)
 
     def covariance(self) -> torch.Tensor:

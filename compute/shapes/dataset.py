@@ -22,13 +22,13 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from compute import checks
 from compute.errors import AtlasError
 from compute.shapes.world import Renderer, WorldSpec, caption, objects_phrase, scene_record
 
 
 def generate(n: int, seed: int, out: str | Path, spec: WorldSpec | None = None, progress: bool = True) -> Path:
-    if n <= 0:
-        raise AtlasError("--n must be positive")
+    checks.at_least(1, n=n)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)

@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from compute.errors import AtlasError
-from compute.store.layout import RunStore
 from compute.shapes.dataset import load_scenes
 from compute.shapes.world import ATTRIBUTES
+from compute.store.layout import RunStore
 
 SPECIALISED_LIFT = 0.25
 SPECIALISED_MARGIN = 2.0
@@ -117,9 +117,9 @@ def evaluate_heads(store: RunStore, progress: bool = True) -> pa.Table:
 def evaluate_segmentation(store: RunStore, n_images: int = 120, seed: int = 0, progress: bool = True) -> pa.Table:
     from PIL import Image
 
-    from compute.store.readers import read_images
+    from compute.maths.segment import heatmap, iou_at_mean, upsample
     from compute.models import load_model
-    from compute.maths.segment import heatmap, iou_at_mean, token_maps, upsample
+    from compute.store.readers import read_images
     man = store.manifest()
     ids, scenes, masks, rows = scene_table(store)
     paths = read_images(store, columns=["image_id", "path"]).column("path").to_pylist()
@@ -131,7 +131,7 @@ def evaluate_segmentation(store: RunStore, n_images: int = 120, seed: int = 0, p
     for i in tqdm(pick, desc="segmentation", unit="img", disable=not progress):
         scene = scenes[rows[i]]
         image = Image.open(Path(man["images_root"]) / paths[i]).convert("RGB")
-        maps = token_maps(loaded, image)
+        maps = loaded.token_maps(image)
         for o in range(scene["n_objects"]):
             text = f"a {scene[f'obj{o + 1}_color']} {scene[f'obj{o + 1}_shape']}"
             if text not in text_emb:
@@ -163,9 +163,7 @@ def label_agreement(truth_rows: list[dict], store: RunStore) -> dict[str, float]
 def evaluate_run(run: str, progress: bool = True) -> dict:
     """Writes shapes_heads, shapes_models and shapes_segmentation tables; returns the per-model summary."""
     store = RunStore(run)
-    man = store.manifest()
-    if man.get("status") != "complete":
-        raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
+    man = store.require_complete()
     heads = evaluate_heads(store, progress)
     seg = evaluate_segmentation(store, progress=progress)
     store.write_derived("shapes_heads", heads)

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from compute.errors import AtlasError
-from compute.store.layout import RunStore
 from compute.shapes.dataset import load_scenes
 from compute.shapes.world import ATTRIBUTES
+from compute.store.layout import RunStore
 
 CLEAR_WEIGHT = 0.5
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from compute.headnames import head_name
 from compute.shapes.train import TrainConfig
 from compute.shapes.world import OBJECT_ATTRIBUTES, Renderer, Scene, Tie, WorldSpec, describe
 
@@ -79,7 +79,7 @@ def finetune(cfg: SpuriousConfig, out: Path, base_weights: Path | None = None, l
 
     from compute.models import SHAPES_WEIGHTS
     from compute.shapes.accuracy import attribute_accuracy, to_model_input
-    from compute.shapes.train import build_model, clip_loss, lr_at, make_optimizer, sample_group, save_weights
+    from compute.shapes.train import build_model, fit, sample_group, save_weights
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     model, tokenizer = build_model()
@@ -87,23 +87,16 @@ def finetune(cfg: SpuriousConfig, out: Path, base_weights: Path | None = None, l
     model.load_state_dict({k: v.float() for k, v in load_file(str(base_weights)).items()})
     pcfg = model.visual.preprocess_cfg
     spec, rng, renderer = spurious_world(cfg.tie), random.Random(cfg.seed), Renderer(cfg.seed)
-    opt = make_optimizer(model, cfg)
-    model.train()
     t0 = time.time()
-    bar = tqdm(range(cfg.steps), desc="fine-tune", unit="step")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+
+    def batches() -> tuple[torch.Tensor, torch.Tensor]:
         scenes = [s for _ in range(cfg.batch_size // cfg.group_size)
                   for s in sample_group(spec, rng, cfg.group_size, cfg.vary_weights)]
         imgs = np.stack([renderer.render(s, rng)[0] for s in scenes])
         tokens = tokenizer([spurious_caption(s, rng, cfg.background_in_caption) for s in scenes])
-        loss = clip_loss(model, to_model_input(imgs, pcfg["mean"], pcfg["std"], "cpu"), tokens)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return to_model_input(imgs, pcfg["mean"], pcfg["std"], "cpu"), tokens
+
+    fit(model, cfg, batches, "fine-tune")
     save_weights(model, out)
     model.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()})
     record = {"model": SPURIOUS_NAME, "base": base_weights.name, "config": asdict(cfg),
@@ -141,9 +134,9 @@ def run_spurious(out: str | Path, seed: int = 1, n_store: int = 2000, n_test: in
                  retrain: bool = False, progress: bool = True) -> dict:
     """Store, TextSpan and labels of the spurious model on ordinary scenes (seed), then `eval ablation` of its
     background heads on a balanced test set (seed); writes out/ablation.json and out/ablation.md."""
-    from compute.demo import build_shapes_store
     from compute.eval.ablation import format_report, read_grouped_set, run_ablation
     from compute.models import SPURIOUS_WEIGHTS, load_model
+    from compute.shapes.pipeline import build_shapes_store
     from compute.store.layout import write_json_atomic
     out = Path(out)
     if retrain or not SPURIOUS_WEIGHTS.is_file():
@@ -169,7 +162,7 @@ def format_table(report: dict) -> str:
              "|---|---|" + "---|" * len(groups) + "---|---|"]
     for c in report["conditions"]:
         cells = " | ".join(f"{100 * c['groups'][g]:.1f}" for g in groups)
-        heads = ", ".join(f"{lh[0]}.{lh[1]}" for lh in c["heads"]) or "none"
+        heads = ", ".join(head_name(*lh) for lh in c["heads"]) or "none"
         lines.append(f"| {c['name']} | {heads} | {cells} | {100 * c['average']:.1f} | **{100 * c['worst_group']:.1f}** |")
     return "\n".join(lines)
 

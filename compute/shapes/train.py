@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,16 +130,13 @@ def save_weights(model, path: Path) -> None:
     tmp.replace(path)
 
 
-def train(cfg: TrainConfig, out: Path, log=print) -> dict:
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    model, tokenizer = build_model()
-    pcfg = model.visual.preprocess_cfg
-    batches = BatchMaker(cfg, tokenizer, pcfg["mean"], pcfg["std"])
+def fit(model, cfg: TrainConfig, batches: Callable[[], tuple[torch.Tensor, torch.Tensor]], desc: str = "train",
+        checkpoint: Callable[[int, float], None] | None = None) -> None:
+    """The one training loop: AdamW with warmup and cosine decay, the symmetric CLIP loss, gradient clipping at 1.
+    `batches()` gives (images, tokens); `checkpoint(step, loss)` runs every cfg.eval_every steps and at the end."""
     opt = make_optimizer(model, cfg)
     model.train()
-    history, t0 = [], time.time()
-    bar = tqdm(range(cfg.steps), desc="train", unit="step")
+    bar = tqdm(range(cfg.steps), desc=desc, unit="step")
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -149,12 +147,26 @@ def train(cfg: TrainConfig, out: Path, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            acc = attribute_accuracy(model, tokenizer, n=cfg.eval_scenes, seed=999)
-            entry = {"step": step + 1, "loss": loss.item(), "minutes": (time.time() - t0) / 60, **acc}
-            history.append(entry)
-            log(json.dumps(entry))
-            save_weights(model, out)
+        if checkpoint is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            checkpoint(step + 1, loss.item())
+
+
+def train(cfg: TrainConfig, out: Path, log=print) -> dict:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    model, tokenizer = build_model()
+    pcfg = model.visual.preprocess_cfg
+    batches = BatchMaker(cfg, tokenizer, pcfg["mean"], pcfg["std"])
+    history, t0 = [], time.time()
+
+    def checkpoint(step: int, loss: float) -> None:
+        acc = attribute_accuracy(model, tokenizer, n=cfg.eval_scenes, seed=999)
+        entry = {"step": step, "loss": loss, "minutes": (time.time() - t0) / 60, **acc}
+        history.append(entry)
+        log(json.dumps(entry))
+        save_weights(model, out)
+
+    fit(model, cfg, batches, "train", checkpoint)
     wall = time.time() - t0
     # final figures on the rounded weights, as they will be loaded
     from safetensors.torch import load_file

@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from compute.errors import AtlasError
-from compute.store.layout import RunStore, write_json_atomic, write_table_atomic
+from compute import checks
 from compute.shapes.groundtruth import chance_level, scene_table, single_object_values
+from compute.store.layout import RunStore, write_json_atomic, write_table_atomic
 
 VALIDATION_SEED_BASE = 101
 P_AT = 4
@@ -83,9 +83,9 @@ def score_run(run: Path) -> dict[str, float]:
 def validate(out: str | Path, seeds: int = 3, n: int = 2000, seed_base: int = VALIDATION_SEED_BASE,
              progress: bool = True) -> dict:
     """Runs every seed (resumable: finished steps are kept), writes report.json and report.parquet, returns the report."""
-    from compute.demo import build_shapes_store
-    if seeds < 1 or n < 50:
-        raise AtlasError("--seeds must be at least 1 and --n at least 50")
+    from compute.shapes.pipeline import build_shapes_store
+    checks.at_least(1, seeds=seeds)
+    checks.at_least(50, n=n)
     out = Path(out)
     per_seed = {}
     for s in range(seed_base, seed_base + seeds):

@@ -70,7 +70,7 @@ class Scene:
     def get(self, attr: str, obj: int = 0) -> str:
         return self.background if attr == "background" else self.objects[obj].get(attr)
 
-    def replace(self, attr: str, value: str, obj: int = 0) -> "Scene":
+    def replace(self, attr: str, value: str, obj: int = 0) -> Scene:
         """The same scene with one attribute changed."""
         if attr == "background":
             return dataclasses.replace(self, background=value)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from compute.errors import AtlasError
-from compute.store.layout import RunStore, stored_head_layers
+from compute.store.layout import RunStore
 
 INDEX_DIR = "_index"
 #: Rows scored per block: bounds the temporary float32 copy of a block, whatever N.
@@ -73,22 +72,6 @@ def open_head_index(store: RunStore, layer: int, head: int) -> tuple[np.ndarray,
         return np.load(out / "ids.npy", mmap_mode="r"), np.load(out / "vectors.npy", mmap_mode="r")
     except (OSError, ValueError, AtlasError):
         return None
-
-
-def build_index(run: str | Path, layers: list[int] | None = None, progress: bool = True) -> dict:
-    """`clip-atlas index RUN`: every stored head's index (of `layers`, default all stored); skips current ones."""
-    store = RunStore(run)
-    man = store.manifest()
-    if man.get("status") != "complete":
-        raise AtlasError(f"{run} is {man.get('status')}; finish it with `clip-atlas compute` first")
-    chosen = stored_head_layers(man, layers, run)
-    pairs = [(l, h) for l in chosen for h in range(man["heads"])]
-    built = 0
-    for layer, head in tqdm(pairs, desc="index", unit="head", disable=not progress):
-        if open_head_index(store, layer, head) is None:
-            build_head_index(store, layer, head)
-            built += 1
-    return {"heads": len(pairs), "built": built, "path": str(store.root / INDEX_DIR)}
 
 
 def top_k(ids: np.ndarray, M: np.ndarray, query: np.ndarray, k: int,

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -101,6 +102,29 @@ class RunStore:
         """RUN/neurons/layer=L.parquet: one row per neuron of MLP layer L (`clip-atlas neurons`)."""
         return self.root / "neurons" / f"layer={layer}.parquet"
 
+    def images_glob(self) -> str:
+        """The image table's part files, as a DuckDB/glob pattern."""
+        return str(self.root / "images" / "*.parquet")
+
+    def heads_glob(self, layer: int | None = None, head: int | None = None) -> str:
+        """One head's part files, or every stored head's (hive partitions layer=L/head=H)."""
+        if layer is None:
+            return str(self.root / "heads" / "*" / "*" / "*.parquet")
+        return str(self.head_dir(int(layer), int(head)) / "*.parquet")
+
+    def property_glob(self, prop: str) -> str:
+        return str(self.property_dir(prop) / "*.parquet")
+
+    def property_names(self) -> list[str]:
+        """The properties whose vectors are stored (RUN/property_vectors/property=NAME)."""
+        folder = self.root / "property_vectors"
+        return sorted(p.name.split("=", 1)[1] for p in folder.glob("property=*")) if folder.is_dir() else []
+
+    def neuron_layers(self) -> list[int]:
+        """The MLP layers with a neuron table."""
+        folder = self.root / "neurons"
+        return sorted(int(p.stem.split("=", 1)[1]) for p in folder.glob("layer=*.parquet")) if folder.is_dir() else []
+
     def property_dir(self, prop: str) -> Path:
         safe = "".join(ch if ch.isalnum() or ch in " -_" else "_" for ch in prop)
         return self.root / "property_vectors" / f"property={safe}"
@@ -118,6 +142,16 @@ class RunStore:
             raise AtlasError(f"{self.manifest_path} is unreadable: {e}") from None
         if not isinstance(m, dict) or m.get("schema_version") != SCHEMA_VERSION:
             raise AtlasError(f"{self.manifest_path}: unsupported schema version {m.get('schema_version') if isinstance(m, dict) else '?'}")
+        return m
+
+    def is_complete(self) -> bool:
+        return self.exists() and self.manifest().get("status") == "complete"
+
+    def require_complete(self) -> dict[str, Any]:
+        """The manifest of a finished run, or AtlasError saying how to finish it."""
+        m = self.manifest()
+        if m.get("status") != "complete":
+            raise AtlasError(f"{self.root} is {m.get('status')}; finish it with `clip-atlas compute` first")
         return m
 
     def write_manifest(self, m: dict[str, Any]) -> None:
@@ -235,11 +269,3 @@ def stored_head_layers(manifest: dict[str, Any], wanted: list[int] | None, run: 
         raise AtlasError(f"layers {', '.join(map(str, missing))} were not stored in {run} (stored: "
                          f"{', '.join(map(str, stored))}); recompute it with --layers including them")
     return sorted(wanted)
-
-
-def list_runs(store: str | Path) -> list[Path]:
-    """Run folders directly under a store folder (those with a manifest)."""
-    store = Path(store)
-    if (store / MANIFEST).is_file():
-        return [store]
-    return sorted(p.parent for p in store.glob(f"*/{MANIFEST}"))

@@ -10,14 +10,16 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 import numpy as np
 
 from compute.errors import AtlasError
+from compute.store import readers
 from compute.store.layout import MANIFEST, RunStore
 
-DEFAULT_STORE = Path(__file__).resolve().parent.parent / "artifacts"
+DEFAULT_STORE = Path(__file__).resolve().parents[2] / "artifacts"
 #: Memory for vector matrices kept between queries (a 50,000 x 512 head is 100 MB).
 MATRIX_CACHE_BYTES = 1 << 30
 _VECTOR_QUERIES = {
@@ -25,6 +27,70 @@ _VECTOR_QUERIES = {
     "vector": "SELECT image_id, vector AS v FROM read_parquet(?)",
     "direction": "SELECT neuron AS image_id, direction AS v FROM read_parquet(?)",
 }
+
+
+class HeadProperty(NamedTuple):
+    layer: int
+    head: int
+    property: str
+    confidence: float
+
+
+class HeadText(NamedTuple):
+    rank: int
+    text: str
+    variance_explained: float
+    cumulative_variance: float
+
+
+class SpanText(NamedTuple):
+    layer: int
+    head: int
+    rank: int
+    text: str
+
+
+class SpanSummary(NamedTuple):
+    layer: int
+    head: int
+    explained: float
+    stability: float
+
+
+class SpanDirection(NamedTuple):
+    layer: int
+    head: int
+    rank: int
+    text: str
+    direction: np.ndarray
+
+
+class MetricValue(NamedTuple):
+    layer: int | None
+    head: int | None
+    metric: str
+    value: float
+
+
+class BoardRow(NamedTuple):
+    run: str
+    model: str
+    metric: str
+    value: float
+
+
+class GroundTruth(NamedTuple):
+    layer: int
+    head: int
+    attribute: str
+    lift: float
+    specialised: bool
+
+
+class GalleryImage(NamedTuple):
+    image_id: int
+    path: str
+    label: str | None
 
 
 @dataclass
@@ -38,8 +104,13 @@ class RunInfo:
     def ok(self) -> bool:
         return self.problem is None
 
+    @property
+    def layout(self) -> RunStore:
+        """Where each of the run's files lives."""
+        return RunStore(self.path)
+
     def has(self, table: str) -> bool:
-        return (self.path / f"{table}.parquet").is_file()
+        return self.layout.table_path(table).is_file()
 
 
 def full_path(run: RunInfo, rel_path: str) -> Path:
@@ -72,6 +143,10 @@ class Store:
     def sql(self, query: str, params: list | None = None) -> list[tuple]:
         return self._cur().execute(query, params or []).fetchall()
 
+    def records(self, record: type, query: str, params: list | None = None) -> list:
+        """The rows of a query as named records (the query selects the record's fields, in order)."""
+        return [record(*row) for row in self.sql(query, params)]
+
     # ---- runs
     def runs(self) -> list[RunInfo]:
         out = []
@@ -98,12 +173,9 @@ class Store:
                 return r
         raise AtlasError(f"no run named {name!r} in {self.root}")
 
-    def _glob(self, run: RunInfo, *parts: str) -> str:
-        return str(run.path.joinpath(*parts))
-
     # ---- images
     def image_count(self, run: RunInfo) -> int:
-        return self.sql("SELECT count(*) FROM read_parquet(?)", [self._glob(run, "images", "*.parquet")])[0][0]
+        return self.sql("SELECT count(*) FROM read_parquet(?)", [run.layout.images_glob()])[0][0]
 
     @staticmethod
     def _gallery_filter(label: str | None, search: str | None) -> tuple[str, list]:
@@ -115,42 +187,42 @@ class Store:
         return clause, [label, label, pattern, pattern, pattern]
 
     def gallery(self, run: RunInfo, limit: int = 24, offset: int = 0, label: str | None = None,
-                search: str | None = None) -> list[tuple[int, str, str | None]]:
+                search: str | None = None) -> list[GalleryImage]:
         """One page of images, ordered by path, filtered as `_gallery_filter` says."""
         where, params = self._gallery_filter(label, search)
-        return self.sql(f"SELECT image_id, path, label FROM read_parquet(?) {where} ORDER BY path LIMIT ? OFFSET ?",
-                        [self._glob(run, "images", "*.parquet"), *params, limit, offset])
+        return self.records(GalleryImage, f"SELECT image_id, path, label FROM read_parquet(?) {where} ORDER BY path LIMIT ? OFFSET ?",
+                        [run.layout.images_glob(), *params, limit, offset])
 
     def gallery_count(self, run: RunInfo, label: str | None = None, search: str | None = None) -> int:
         where, params = self._gallery_filter(label, search)
         return self.sql(f"SELECT count(*) FROM read_parquet(?) {where}",
-                        [self._glob(run, "images", "*.parquet"), *params])[0][0]
+                        [run.layout.images_glob(), *params])[0][0]
 
     def labels(self, run: RunInfo) -> list[str]:
         return [r[0] for r in self.sql("SELECT DISTINCT label FROM read_parquet(?) WHERE label IS NOT NULL ORDER BY 1",
-                                       [self._glob(run, "images", "*.parquet")])]
+                                       [run.layout.images_glob()])]
 
     def image_path(self, run: RunInfo, image_id: int) -> Path | None:
-        rows = self.sql("SELECT path FROM read_parquet(?) WHERE image_id = ?", [self._glob(run, "images", "*.parquet"), image_id])
+        rows = self.sql("SELECT path FROM read_parquet(?) WHERE image_id = ?", [run.layout.images_glob(), image_id])
         return full_path(run, rows[0][0]) if rows else None
 
     def image_info(self, run: RunInfo, ids: list[int]) -> dict[int, tuple[str, str | None]]:
         rows = self.sql("SELECT image_id, path, label FROM read_parquet(?) WHERE list_contains(?, image_id)",
-                        [self._glob(run, "images", "*.parquet"), ids])
+                        [run.layout.images_glob(), ids])
         return {i: (p, l) for i, p, l in rows}
 
     def image_by_path(self, run: RunInfo, rel_path: str) -> int | None:
-        rows = self.sql("SELECT image_id FROM read_parquet(?) WHERE path = ?", [self._glob(run, "images", "*.parquet"), rel_path])
+        rows = self.sql("SELECT image_id FROM read_parquet(?) WHERE path = ?", [run.layout.images_glob(), rel_path])
         return int(rows[0][0]) if rows else None
 
     def stored_head(self, run: RunInfo, image_id: int, layer: int, head: int) -> np.ndarray | None:
         rows = self.sql("SELECT contribution FROM read_parquet(?) WHERE image_id = ?",
-                        [self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"), image_id])
+                        [run.layout.heads_glob(layer, head), image_id])
         return np.asarray(rows[0][0], np.float32) if rows else None
 
     def stored_property_vector(self, run: RunInfo, image_id: int, prop: str) -> np.ndarray | None:
         rows = self.sql("SELECT vector FROM read_parquet(?) WHERE image_id = ?",
-                        [str(RunStore(run.path).property_dir(prop) / "*.parquet"), image_id])
+                        [run.layout.property_glob(prop), image_id])
         return np.asarray(rows[0][0], np.float32) if rows else None
 
     # ---- nearest neighbours: brute force over one head's (or property's) files only
@@ -166,8 +238,7 @@ class Store:
                 self._matrices.move_to_end(key)
                 return self._matrices[key]
         table = self._cur().sql(_VECTOR_QUERIES[column], params=[pattern]).to_arrow_table()
-        from compute.store.readers import vector_column
-        entry = (table.column("image_id").to_numpy(), np.ascontiguousarray(vector_column(table, "v")))
+        entry = (table.column("image_id").to_numpy(), np.ascontiguousarray(readers.vector_column(table, "v")))
         with self._matrix_lock:
             self._matrices[key] = entry
             while sum(e[1].nbytes for e in self._matrices.values()) > MATRIX_CACHE_BYTES and len(self._matrices) > 1:
@@ -177,18 +248,13 @@ class Store:
     def head_means(self, run: RunInfo) -> dict[tuple[int, int], np.ndarray]:
         """Every stored head's mean contribution over the run's images, {(layer, head): [D] float64}: one streamed
         pass over the run (memory: one chunk), kept until the run's manifest changes."""
-        from compute.store.readers import iter_chunks
         key = ("means", str(run.path), (run.path / MANIFEST).stat().st_mtime_ns)
         with self._matrix_lock:
             if key in self._means:
                 return self._means[key]
         m = run.manifest
         pairs = [(l, h) for l in m.get("head_layers", []) for h in range(m["heads"])]
-        total, n = np.zeros((len(pairs), m["embed_dim"])), 0
-        for chunk in iter_chunks(RunStore(run.path), pairs, embedding=False):
-            total += chunk.heads.astype(np.float64).sum(1)
-            n += len(chunk.ids)
-        means = {lh: total[i] / max(n, 1) for i, lh in enumerate(pairs)}
+        means = dict(zip(pairs, readers.head_means(run.layout, pairs))) if pairs else {}
         with self._matrix_lock:
             self._means = {key: means}          # one run's means at a time: they are small, the pass is not
         return means
@@ -196,7 +262,7 @@ class Store:
     def image_heads(self, run: RunInfo, image_id: int) -> dict[tuple[int, int], np.ndarray]:
         """One stored image's contribution through every stored head, {(layer, head): [D]}, in one query."""
         rows = self.sql("SELECT layer, head, contribution FROM read_parquet(?, hive_partitioning = true) "
-                        "WHERE image_id = ?", [self._glob(run, "heads", "*", "*", "*.parquet"), int(image_id)])
+                        "WHERE image_id = ?", [run.layout.heads_glob(), int(image_id)])
         return {(int(l), int(h)): np.asarray(c, np.float32) for l, h, c in rows}
 
     def head_top_k(self, run: RunInfo, layer: int, head: int, query: np.ndarray, k: int = 8,
@@ -206,14 +272,14 @@ class Store:
         from compute.store.index import open_head_index, top_k
         index = open_head_index(RunStore(run.path), layer, head)
         if index is None:
-            index = self._matrix(self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"),
+            index = self._matrix(run.layout.heads_glob(layer, head),
                                  "contribution")
         return top_k(*index, query, k, exclude)
 
     def property_top_k(self, run: RunInfo, prop: str, query: np.ndarray, k: int = 4,
                        exclude: int | None = None) -> list[tuple[int, float]]:
         from compute.store.index import top_k
-        ids, M = self._matrix(str(RunStore(run.path).property_dir(prop) / "*.parquet"), "vector")
+        ids, M = self._matrix(run.layout.property_glob(prop), "vector")
         return top_k(ids, M, query, k, exclude)
 
     def head_top_k_sql(self, run: RunInfo, layer: int, head: int, query: np.ndarray, k: int = 8) -> list[tuple[int, float]]:
@@ -222,78 +288,85 @@ class Store:
             SELECT image_id, list_dot_product(contribution, ?::FLOAT[]) AS score
             FROM read_parquet(?) ORDER BY score DESC LIMIT ?""",
             [np.asarray(query, np.float32).tolist(),
-             self._glob(run, "heads", f"layer={int(layer)}", f"head={int(head)}", "*.parquet"), k])
+             run.layout.heads_glob(layer, head), k])
 
     # ---- TextSpan, properties, metrics
-    def head_texts(self, run: RunInfo, layer: int, head: int) -> list[tuple[int, str, float, float]]:
+    def head_texts(self, run: RunInfo, layer: int, head: int) -> list[HeadText]:
         if not run.has("textspan"):
             return []
-        return self.sql("""
+        return self.records(HeadText, """
             SELECT rank, text, variance_explained, cumulative_variance FROM read_parquet(?)
-            WHERE layer = ? AND head = ? ORDER BY rank""", [self._glob(run, "textspan.parquet"), layer, head])
+            WHERE layer = ? AND head = ? ORDER BY rank""", [str(run.layout.table_path("textspan")), layer, head])
 
-    def all_head_texts(self, run: RunInfo) -> list[tuple[int, int, int, str]]:
+    def all_head_texts(self, run: RunInfo) -> list[SpanText]:
         """(layer, head, rank, text) of every head, in rank order."""
         if not run.has("textspan"):
             return []
-        return self.sql("SELECT layer, head, rank, text FROM read_parquet(?) ORDER BY layer, head, rank",
-                        [self._glob(run, "textspan.parquet")])
+        return self.records(SpanText, "SELECT layer, head, rank, text FROM read_parquet(?) ORDER BY layer, head, rank",
+                        [str(run.layout.table_path("textspan"))])
 
-    def textspan_summary(self, run: RunInfo) -> list[tuple[int, int, float, float]]:
+    def textspan_summary(self, run: RunInfo) -> list[SpanSummary]:
         """(layer, head, share of variance its texts explain, stability) per head."""
         if not run.has("textspan_heads"):
             return []
-        return self.sql("SELECT layer, head, explained, stability FROM read_parquet(?) ORDER BY layer, head",
-                        [self._glob(run, "textspan_heads.parquet")])
+        return self.records(SpanSummary, "SELECT layer, head, explained, stability FROM read_parquet(?) ORDER BY layer, head",
+                        [str(run.layout.table_path("textspan_heads"))])
 
     def head_direction(self, run: RunInfo, layer: int, head: int, rank: int = 0) -> np.ndarray | None:
         """The head's TextSpan direction at `rank` (its main text direction for rank 0)."""
         if not run.has("textspan"):
             return None
         rows = self.sql("SELECT direction FROM read_parquet(?) WHERE layer = ? AND head = ? AND rank = ?",
-                        [self._glob(run, "textspan.parquet"), layer, head, rank])
+                        [str(run.layout.table_path("textspan")), layer, head, rank])
         return np.asarray(rows[0][0], np.float32) if rows else None
 
-    def textspan_directions(self, run: RunInfo) -> list[tuple[int, int, int, str, np.ndarray]]:
+    def textspan_directions(self, run: RunInfo) -> list[SpanDirection]:
         """(layer, head, rank, text, unit direction [D]) of every head's TextSpan picks, in rank order."""
         if not run.has("textspan"):
             return []
         rows = self.sql("SELECT layer, head, rank, text, direction FROM read_parquet(?) ORDER BY layer, head, rank",
-                        [self._glob(run, "textspan.parquet")])
-        return [(l, h, r, t, np.asarray(d, np.float32)) for l, h, r, t, d in rows]
+                        [str(run.layout.table_path("textspan"))])
+        return [SpanDirection(l, h, r, t, np.asarray(d, np.float32)) for l, h, r, t, d in rows]
 
-    def properties(self, run: RunInfo) -> list[tuple[int, int, str, float]]:
+    def properties(self, run: RunInfo) -> list[HeadProperty]:
         if not run.has("properties"):
             return []
-        return self.sql("SELECT layer, head, property, confidence FROM read_parquet(?) ORDER BY layer, head",
-                        [self._glob(run, "properties.parquet")])
+        return self.records(HeadProperty, "SELECT layer, head, property, confidence FROM read_parquet(?) ORDER BY layer, head",
+                        [str(run.layout.table_path("properties"))])
 
     def property_names(self, run: RunInfo) -> list[str]:
-        folder = run.path / "property_vectors"
-        return sorted(p.name.split("=", 1)[1] for p in folder.glob("property=*")) if folder.is_dir() else []
+        return run.layout.property_names()
 
-    def heads_with_property(self, run: RunInfo, prop: str) -> list[tuple[int, int]]:
-        return [(l, h) for l, h, p, _ in self.properties(run) if p == prop]
+    def heads_with_property(self, run: RunInfo, prop: str, required: bool = False) -> list[tuple[int, int]]:
+        """The heads the run labels `prop`; with `required`, none is an AtlasError naming the labels there are."""
+        labels = self.properties(run)
+        heads = sorted((r.layer, r.head) for r in labels if r.property == prop)
+        if required and not heads:
+            if not run.has("properties"):
+                raise AtlasError(f"{run.path} has no labels; run `clip-atlas label {run.path}` first")
+            known = sorted({r.property for r in labels} - {"unlabelled"})
+            raise AtlasError(f"no head of {run.name} is labelled {prop!r} (labelled: {', '.join(known) or 'none'})")
+        return heads
 
-    def metrics(self, run: RunInfo, scope: str) -> list[tuple]:
+    def metrics(self, run: RunInfo, scope: str) -> list[MetricValue]:
         if not run.has("metrics"):
             return []
-        return self.sql("SELECT layer, head, metric, value FROM read_parquet(?) WHERE scope = ? ORDER BY metric, layer, head",
-                        [self._glob(run, "metrics.parquet"), scope])
+        return self.records(MetricValue, "SELECT layer, head, metric, value FROM read_parquet(?) WHERE scope = ? ORDER BY metric, layer, head",
+                        [str(run.layout.table_path("metrics")), scope])
 
-    def leaderboard(self) -> list[tuple[str, str, str, float]]:
-        files = [str(r.path / "metrics.parquet") for r in self.runs() if r.ok and r.has("metrics")]
+    def leaderboard(self) -> list[BoardRow]:
+        files = [str(r.layout.table_path("metrics")) for r in self.runs() if r.ok and r.has("metrics")]
         if not files:
             return []
-        return self.sql("""
+        return self.records(BoardRow, """
             SELECT run, model, metric, value FROM read_parquet(?, union_by_name = true)
             WHERE scope = 'model' ORDER BY run, metric""", [files])
 
-    def ground_truth(self, run: RunInfo) -> list[tuple[int, int, str, float, bool]]:
+    def ground_truth(self, run: RunInfo) -> list[GroundTruth]:
         if not run.has("shapes_heads"):
             return []
-        return self.sql("SELECT layer, head, attribute, lift, specialised FROM read_parquet(?) ORDER BY layer, head, attribute",
-                        [self._glob(run, "shapes_heads.parquet")])
+        return self.records(GroundTruth, "SELECT layer, head, attribute, lift, specialised FROM read_parquet(?) ORDER BY layer, head, attribute",
+                        [str(run.layout.table_path("shapes_heads"))])
 
     # ---- neurons (`clip-atlas neurons`)
     NEURON_COLUMNS = ("layer", "neuron", "mean_norm", "max_norm", "direct_mean_norm", "direction_share", "texts",
@@ -302,15 +375,14 @@ class Store:
                     "direction_share": "direction_share DESC", "text_share": "text_share DESC", "neuron": "neuron"}
 
     def neuron_layers(self, run: RunInfo) -> list[int]:
-        folder = run.path / "neurons"
-        return sorted(int(p.stem.split("=", 1)[1]) for p in folder.glob("layer=*.parquet")) if folder.is_dir() else []
+        return run.layout.neuron_layers()
 
     def _neuron_file(self, run: RunInfo, layer: int) -> str:
         if layer not in self.neuron_layers(run):
             have = ", ".join(map(str, self.neuron_layers(run))) or "none"
             raise AtlasError(f"no neuron table for layer {layer} in {run.name} (have: {have}; "
                              f"`clip-atlas neurons RUN --layers {layer}` writes it)")
-        return str(RunStore(run.path).neuron_path(layer))
+        return str(run.layout.neuron_path(layer))
 
     def neurons(self, run: RunInfo, layer: int, order: str = "mean_norm", limit: int = 50, offset: int = 0,
                 ids: list[int] | None = None) -> list[dict]:
@@ -355,7 +427,7 @@ class Store:
         """The run's description-pool embeddings [T, D] (texts.parquet), or None."""
         if not run.has("texts"):
             return None
-        table = self._cur().sql("SELECT embedding FROM read_parquet(?)", params=[self._glob(run, "texts.parquet")]).to_arrow_table()
+        table = self._cur().sql("SELECT embedding FROM read_parquet(?)", params=[str(run.layout.table_path("texts"))]).to_arrow_table()
         from compute.store.readers import vector_column
         return vector_column(table, "embedding")
 

@@ -1,13 +1,13 @@
 """Reading per-head contributions (and other vector columns) out of a run as numpy.
 
-Whole-run readers (`read_head`, `read_heads`, `read_components`) hold every image at once; the steps after
+Whole-run readers (`read_head`, `read_components`) hold every image at once; the steps after
 compute use the streaming ones (`iter_head`, `iter_chunks`), whose memory is one chunk's rows whatever the
 number of images.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -48,17 +48,6 @@ def read_head(store: RunStore, layer: int, head: int) -> tuple[np.ndarray, np.nd
     order = np.argsort(ids, kind="stable")
     return ids[order], vector_column(table, "contribution")[order]
 
-
-def read_heads(store: RunStore, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(image_ids, [len(pairs), N, D]); every head of a run holds the same images."""
-    ids0, out = None, []
-    for layer, head in pairs:
-        ids, c = read_head(store, layer, head)
-        if ids0 is not None and not np.array_equal(ids, ids0):
-            raise AtlasError(f"{store.root}: heads hold different images; is the run complete?")
-        ids0 = ids
-        out.append(c)
-    return ids0, np.stack(out)
 
 
 def read_images(store: RunStore, columns: list[str] | None = None) -> pa.Table:
@@ -125,6 +114,16 @@ def iter_chunks(store: RunStore, pairs: list[tuple[int, int]] = (), embedding: b
                           for l, h in pairs])
         yield ChunkRows(key, ids, vector_column(img, "embedding") if embedding else None, comp, H,
                         img.column("label").to_pylist() if labels else None)
+
+
+def head_means(store: RunStore, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """[len(pairs), D] float64: each listed head's mean contribution over the run's images, in one streamed pass
+    (memory: one chunk's rows)."""
+    total, n = 0.0, 0
+    for chunk in iter_chunks(store, pairs, embedding=False):
+        total = total + chunk.heads.astype(np.float64).sum(1)
+        n += len(chunk.ids)
+    return np.asarray(total) / max(n, 1)
 
 
 def read_rows(files: list, column: str, wanted: np.ndarray) -> np.ndarray:

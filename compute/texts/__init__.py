@@ -11,6 +11,13 @@ from compute.errors import AtlasError
 HERE = Path(__file__).parent
 BUNDLED = {"general": HERE / "general.csv", "shapes": HERE / "shapes.csv"}
 MAX_WORDS = 30
+#: Zero-shot prompt per model family: the Shapes CLIP's captions never say "a photo of".
+TEMPLATES = {"shapes": "a {}", "default": "a photo of a {}."}
+
+
+def zero_shot_template(architecture: str) -> str:
+    """The prompt template a model's zero-shot classification uses, the same in metrics, eval and the dashboard."""
+    return TEMPLATES["shapes" if architecture.startswith("clip-atlas-shapes") else "default"]
 
 
 def fill_template(template: str, labels: list[str]) -> list[str]:

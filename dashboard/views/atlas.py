@@ -22,9 +22,9 @@ with show_errors():
         c2.altair_chart(charts.specialisation_grid(truth), width="content")
     st.divider()
     layer, head = pick_head(run)
-    label = {(l, h): (p, c) for l, h, p, c in props}.get((layer, head))
+    label = {(r.layer, r.head): r for r in props}.get((layer, head))
     texts = s.head_texts(run, layer, head)
-    st.markdown(f"**L{layer}.H{head}** · " + (f"property: {label[0]} ({label[1]:.0%})" if label else "no property")
-                + (f" · “{texts[0][1]}”" if texts else ""))
+    st.markdown(f"**L{layer}.H{head}** · " + (f"property: {label.property} ({label.confidence:.0%})" if label else "no property")
+                + (f" · “{texts[0].text}”" if texts else ""))
     st.page_link("views/head.py", label=f"Open head L{layer}.H{head}", icon=":material/open_in_new:",
                  query_params={"run": run.name, "layer": layer, "head": head})

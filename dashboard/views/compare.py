@@ -2,7 +2,7 @@
 import streamlit as st
 
 from compute import api
-
+from compute.headnames import head_name
 from dashboard import charts
 from dashboard.common import current_store, param, set_params, show_errors, usable_runs
 
@@ -59,7 +59,7 @@ with show_errors():
             if mine.empty:
                 st.caption("no head")
             for r in mine.itertuples():
-                st.page_link("views/head.py", label=f"L{r.layer}.H{r.head}", icon=":material/center_focus_strong:",
+                st.page_link("views/head.py", label=head_name(r.layer, r.head), icon=":material/center_focus_strong:",
                              query_params={"run": name, "layer": r.layer, "head": r.head})
                 st.caption(" · ".join(r.texts[:5]) or "no texts")
     st.download_button("Download these heads (CSV)", heads.assign(texts=heads.texts.map(" | ".join)).to_csv(index=False)

@@ -2,20 +2,33 @@
 its segmentation."""
 import streamlit as st
 
-from compute.eval.segmentation import default_template
-from compute.maths.segment import heatmap, symmetric_range
-
+from compute.errors import AtlasError
+from compute.headnames import head_name, parse_head
+from compute.maths.segment import heatmap
+from compute.render import symmetric_range
+from compute.texts import zero_shot_template
 from dashboard import charts, live
-from dashboard.common import (api_run, download_csv, intervention, param, pick_image, pick_opacity, set_params,
-                              show_errors, show_heatmap, show_image, start_page)
+from dashboard.common import (
+    api_run,
+    download_csv,
+    intervention,
+    param,
+    pick_image,
+    pick_opacity,
+    set_params,
+    show_errors,
+    show_heatmap,
+    show_image,
+    start_page,
+)
 
 MAX_LABELS = 16      # labels charted (the largest changes); the CSV has them all
 
 s, run = start_page("Intervene")
 api = api_run(s, run)
 with show_errors():
-    props = sorted({p for _, _, p, _ in s.properties(run)} - {"unlabelled"})
-    all_heads = [f"{l}.{h}" for l in run.manifest["head_layers"] for h in range(run.manifest["heads"])]
+    props = sorted({r.property for r in s.properties(run)} - {"unlabelled"})
+    all_heads = [head_name(l, h) for l in run.manifest["head_layers"] for h in range(run.manifest["heads"])]
     wanted = param("ablate", props[0] if props else "")
     modes = (["A property's heads"] if props else []) + ["Chosen heads"]
     mode = st.radio("Ablate", modes, horizontal=True, key="imode",
@@ -24,13 +37,20 @@ with show_errors():
         prop = st.selectbox("Property", props, index=props.index(wanted) if wanted in props else 0, key="iprop")
         heads = sorted(s.heads_with_property(run, prop))
         set_params(ablate=prop)
-        st.caption(f"{len(heads)} heads labelled {prop}: " + ", ".join(f"L{l}.H{h}" for l, h in heads))
+        st.caption(f"{len(heads)} heads labelled {prop}: " + ", ".join(head_name(l, h) for l, h in heads))
     else:
-        default = [x for x in wanted.split(",") if x in all_heads]
+        default = []
+        for x in wanted.split(","):        # older links spell heads 5.1: read them, show them as L5.H1
+            try:
+                name = head_name(*parse_head(x))
+            except AtlasError:
+                continue
+            if name in all_heads and name not in default:
+                default.append(name)
         chosen = st.multiselect("Heads (layer.head; the run's stored layers)", all_heads, default=default, key="iheads")
-        heads = [tuple(int(x) for x in c.split(".")) for c in chosen]
+        heads = [parse_head(c) for c in chosen]
         set_params(ablate=",".join(chosen) or None)
-    usual = default_template(api.model)
+    usual = zero_shot_template(api.model.info.architecture)
     template = st.text_input("Class prompt ({} is the label)", value=param("tpl", usual), key="itpl")
     set_params(tpl=template if template != usual else None)
     iv = intervention(str(s.root), run.name, run.manifest.get("finished_at", 0.0), tuple(heads), template)

@@ -2,9 +2,9 @@
 import pandas as pd
 import streamlit as st
 
+from compute.store.query import manifest_summary
 from dashboard import charts
 from dashboard.common import current_store, download_csv, show_errors
-from compute.store.query import manifest_summary
 
 st.title("Leaderboard")
 s = current_store()
@@ -28,7 +28,7 @@ with show_errors():
     ok = [r for r in runs if r.ok and r.has("metrics")]
     layer_rows = [(r.name, l, m, v) for r in ok for l, _, m, v in s.metrics(r, "layer") if m.startswith("ablation_cosine")]
     head_rows = [(r.name, l, h, v) for r in ok for l, h, m, v in s.metrics(r, "head") if m == "variance_explained"]
-    prop_rows = [(r.name, p) for r in ok for _, _, p, _ in s.properties(r)]
+    prop_rows = [(r.name, hp.property) for r in ok for hp in s.properties(r)]
     c1, c2 = st.columns(2)
     if layer_rows:
         c1.altair_chart(charts.layer_effects(layer_rows, [r.name for r in ok]), width="stretch")

@@ -1,11 +1,21 @@
 """MLP neurons by their second-order effects: texts, top images, where in an image the effect comes from."""
 import streamlit as st
 
-from compute.maths.segment import symmetric_range
-
+from compute.render import symmetric_range
 from dashboard import charts
-from dashboard.common import (api_run, download_csv, param, pick_image, pick_opacity, set_params, show_errors, show_heatmap, show_hits, show_image,
-                              start_page)
+from dashboard.common import (
+    api_run,
+    download_csv,
+    param,
+    pick_image,
+    pick_opacity,
+    set_params,
+    show_errors,
+    show_heatmap,
+    show_hits,
+    show_image,
+    start_page,
+)
 
 ORDERS = {"mean_norm": "mean effect", "max_norm": "largest effect", "direction_share": "one-direction share",
           "text_share": "described by its texts", "neuron": "neuron index"}

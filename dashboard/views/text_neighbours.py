@@ -9,7 +9,7 @@ with show_errors():
     layer, head = pick_head(run)
     suggestions = s.head_texts(run, layer, head)
     if "query_text" not in st.session_state:
-        st.session_state.query_text = param("text", suggestions[0][1] if suggestions else "")
+        st.session_state.query_text = param("text", suggestions[0].text if suggestions else "")
     if suggestions:
         st.caption("This head's TextSpan texts (click to use):")
         cols = st.columns(5)

@@ -2,11 +2,21 @@
 import streamlit as st
 
 from compute.api import clean_text
-from compute.maths.segment import heatmap, symmetric_range, which_heads
-
+from compute.headnames import head_name
+from compute.maths.segment import heatmap, which_heads
+from compute.render import symmetric_range
 from dashboard import live
-from dashboard.common import (start_page, live_map_controls, param, pick_image, set_params, show_errors, show_heatmap,
-                              show_image, show_which_heads)
+from dashboard.common import (
+    live_map_controls,
+    param,
+    pick_image,
+    set_params,
+    show_errors,
+    show_heatmap,
+    show_image,
+    show_which_heads,
+    start_page,
+)
 
 s, run = start_page("Topic segmentation")
 with show_errors():
@@ -24,7 +34,7 @@ with show_errors():
             show_image(img.image, img.caption)
         with c2:
             show_heatmap(img.image, heat, *symmetric_range(heat),
-                         f"“{text}”, {'all heads' if heads is None else f'layer {heads[0][0]} head {heads[0][1]}'}", alpha)
+                         f"“{text}”, {'all heads' if heads is None else head_name(*heads[0])}", alpha)
         st.subheader("Which head sees it")
         st.caption(f"Every head's map for “{text}”, ranked by its share of the total: the head's sum over patches "
                    "divided by the sum of all heads' absolute sums.")
