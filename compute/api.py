@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -41,9 +42,14 @@ from compute.eval.ablation import accuracy, mean_ablate
 from compute.headnames import head_name
 from compute.images import BadImage, load_image
 from compute.maths.decompose import Decomposition, resolve_layers
+from compute.maths.describe import rank_texts, span_scores
+from compute.maths.neurons import SecondOrder
+from compute.maths.segment import contrastive, heatmap, which_heads
 from compute.models import LoadedModel, load_model
-from compute.store.layout import MANIFEST
+from compute.runtime import pick_device
+from compute.store.layout import MANIFEST, RunStore
 from compute.store.query import RunInfo, Store, full_path
+from compute.store.readers import iter_chunks
 from compute.texts import fill_template, zero_shot_template
 
 if TYPE_CHECKING:
@@ -55,7 +61,6 @@ MAX_TEXT_CHARS = 300
 
 def load(model_spec: str, device: str = "auto") -> LoadedModel:
     """A model by spec (`clip-atlas models` lists the names), on the GPU when there is one."""
-    from compute.runtime import pick_device
     return load_model(model_spec, pick_device(device))
 
 
@@ -130,7 +135,6 @@ class Comparison:
 
 def compare(store: str | Path | Store, runs: Sequence[str]) -> Comparison:
     """Runs of one store folder side by side: model-level metrics, property labels, and each labelled head's texts."""
-    import pandas as pd
     s = store if isinstance(store, Store) else Store(store)
     infos = [s.run(name) for name in runs]
     for info in infos:
@@ -215,7 +219,6 @@ class Run:
 
     # ---- tables
     def images(self) -> pd.DataFrame:
-        import pandas as pd
         rows = self.store.gallery(self.info, limit=self.store.image_count(self.info))
         df = pd.DataFrame(rows, columns=["image_id", "path", "label"])
         df["file"] = [str(full_path(self.info, p)) for p in df["path"]]
@@ -223,7 +226,6 @@ class Run:
 
     def heads(self) -> pd.DataFrame:
         """layer, head, property, confidence, texts (list), variance_explained (of the head, by its texts), stability."""
-        import pandas as pd
         labels = {(r.layer, r.head): (r.property, r.confidence) for r in self.store.properties(self.info)}
         summary = {(r.layer, r.head): (r.explained, r.stability) for r in self.store.textspan_summary(self.info)}
         texts: dict[tuple[int, int], list[str]] = {}
@@ -240,7 +242,6 @@ class Run:
 
     def head(self, layer: int, head: int, k: int = 8) -> HeadView:
         checks.not_negative(k=k)
-        import pandas as pd
         self._check_head(layer, head)
         label = {(r.layer, r.head): (r.property, r.confidence)
                  for r in self.store.properties(self.info)}.get((layer, head), (None, None))
@@ -295,7 +296,6 @@ class Run:
                 without: list[tuple[int, int]] | None = None) -> np.ndarray:
         """Per patch, the direct contributions of `heads` (all heads of all layers when None), less those of
         `without`, dotted with the text's embedding: [grid_h, grid_w]."""
-        from compute.maths.segment import heatmap
         if without:
             self._map_layers(without)
         maps = self.model.token_maps(self._pil(image), self._map_layers(heads))
@@ -304,7 +304,6 @@ class Run:
     def which_heads(self, image: ImageLike, text: str, k: int | None = None) -> list:
         """Every head's map for the text, ranked by its share of the total (maths.segment.HeadShare), top k."""
         checks.not_negative(k=k)
-        from compute.maths.segment import which_heads
         maps = self.model.token_maps(self._pil(image), self._map_layers(None))
         return which_heads(maps, self.model.encode_texts([clean_text(text)])[0], k)
 
@@ -313,9 +312,7 @@ class Run:
         """The texts the image's head contributions express most: each stored head's contribution, centred by
         its mean over the run's images, projected on the head's TextSpan directions (maths/describe.py)."""
         checks.not_negative(k=k)
-        import pandas as pd
 
-        from compute.maths.describe import rank_texts, span_scores
         picks = self.store.textspan_directions(self.info)
         if not picks:
             raise AtlasError(f"{self.info.name} has no TextSpan texts; `clip-atlas textspan RUN` writes them")
@@ -334,7 +331,6 @@ class Run:
         """Zero-shot accuracy of the run's labelled images (classes: the run's labels in `template`) with `heads`
         (a property's name, or (layer, head) pairs of stored layers) mean-ablated over the run's images. Read from
         the store, no forward pass: see eval/ablation.py for why the scores are e . t - sum (c_h - mu_h) . t."""
-        import pandas as pd
 
         heads = self._ablation_heads(heads)
         template = template or zero_shot_template(self.model.info.architecture)
@@ -363,8 +359,6 @@ class Run:
     def _stored_scores(self, heads: list[tuple[int, int]], T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image_ids sorted, embedding . T [N, C], each head's contribution . T [len(heads), N, C]), streamed
         over the run's chunks: memory is classes-wide, not D-wide."""
-        from compute.store.layout import RunStore
-        from compute.store.readers import iter_chunks
         ids, base, per = [], [], []
         for chunk in iter_chunks(RunStore(self.info.path), heads):
             ids.append(chunk.ids)
@@ -376,7 +370,6 @@ class Run:
 
     def class_scores(self, image: ImageLike, intervention: Intervention) -> pd.DataFrame:
         """One image's scores for the intervention's classes: class, base, ablated (image . prompt)."""
-        import pandas as pd
         image_id, pil = self._resolve(image)
         if image_id is not None and image_id in set(intervention.image_ids.tolist()):
             row = int(np.searchsorted(intervention.image_ids, image_id))
@@ -412,7 +405,6 @@ class Run:
     def contrast(self, image: ImageLike, text_a: str, text_b: str,
                  heads: list[tuple[int, int]] | None = None) -> np.ndarray:
         """The map for A minus the map for B: positive where the image speaks for A rather than B."""
-        from compute.maths.segment import contrastive
         maps = self.model.token_maps(self._pil(image), self._map_layers(heads))
         t = self.model.encode_texts([clean_text(text_a), clean_text(text_b)])
         return contrastive(maps, t[0], t[1], heads)[0]
@@ -422,7 +414,6 @@ class Run:
         """The neurons of one MLP layer (the first with a table when None), sorted by `order`: mean_norm,
         max_norm, direction_share, text_share or neuron."""
         checks.not_negative(limit=limit)
-        import pandas as pd
         layer = self._neuron_layer(layer)
         return pd.DataFrame(self.store.neurons(self.info, layer, order, limit), columns=list(self.store.NEURON_COLUMNS))
 
@@ -436,7 +427,6 @@ class Run:
         """Neurons whose principal effect direction is closest (cosine) to the text's embedding, centred by the
         run's description pool mean when the run has one (every CLIP text shares that component)."""
         checks.not_negative(k=k)
-        import pandas as pd
         t = self.model.encode_texts([clean_text(text)])[0].float().cpu().numpy()
         pool = self.store.text_pool(self.info)
         if pool is not None:
@@ -462,14 +452,12 @@ class Run:
     def neurons_through_head(self, layer: int, head: int, k: int = 10) -> pd.DataFrame:
         """Neurons of earlier layers whose second-order effect flows mainly through head (layer, head)."""
         checks.not_negative(k=k)
-        import pandas as pd
         return pd.DataFrame(self.store.neurons_through_head(self.info, layer, head, k),
                             columns=list(self.store.NEURON_COLUMNS))
 
     def neuron_map(self, image: ImageLike, layer: int, neuron: int, text: str | None = None) -> np.ndarray:
         """[grid_h, grid_w]: per patch, the neuron's second-order effect (through every later head) projected on
         its principal direction, or on a text's embedding when `text` is given. Computed live."""
-        from compute.maths.neurons import SecondOrder
         layer = self._neuron_layer(layer)
         if text is None:
             ids, dirs = self.store.neuron_directions(self.info, layer)
@@ -547,7 +535,6 @@ class Run:
 
     def _hits(self, hits: list[tuple]) -> pd.DataFrame:
         """(image_id, score[, cosine]) tuples -> image_id, path, label, score, cosine (NaN when not a similarity), file."""
-        import pandas as pd
         info = self.store.image_info(self.info, [h[0] for h in hits]) if hits else {}
         rows = [(h[0], info.get(h[0], (None, None))[0], info.get(h[0], (None, None))[1], h[1],
                  h[2] if len(h) > 2 else float("nan")) for h in hits]

@@ -1,4 +1,6 @@
-"""The `clip-atlas` command."""
+"""The `clip-atlas` command: parsing only. Each subcommand calls one job or experiment, and `main` is the one place
+that turns AtlasError and Ctrl-C into exit codes. Commands import their module inside them so that `--help` and
+the argument refusals answer before torch (seconds to import) is loaded."""
 from __future__ import annotations
 
 import argparse
@@ -188,29 +190,8 @@ def _demo(a: argparse.Namespace) -> None:
 
 
 def _shapes_card(a: argparse.Namespace) -> None:
-    from compute.models import SHAPES_WEIGHTS
-    from compute.shapes.card import write_card
-    from compute.store.layout import RunStore
-    record = SHAPES_WEIGHTS.with_suffix(".json")
-    if not record.is_file():
-        raise AtlasError(f"no training record at {record}; run `clip-atlas shapes train`")
-    rec = json.loads(record.read_text())
-    if a.eval:
-        rec["ground_truth"] = RunStore(a.eval).manifest().get("shapes_eval") or {}
-    if a.validation:
-        try:
-            report = json.loads(Path(a.validation).read_text())
-            rec["validation"] = {"seeds": report["seeds"], "n": report["n"], "summary": report["summary"]}
-        except (OSError, ValueError, KeyError):
-            raise AtlasError(f"{a.validation} is not a report written by `clip-atlas shapes validate`") from None
-    if a.neurons:
-        from compute.shapes.neurons import evaluate_neurons
-        rec["neurons"] = []
-        for run in a.neurons:
-            _, summary = evaluate_neurons(run)
-            rec["neurons"].append({"run": Path(run).name, **{k: v for k, v in summary.items() if not isinstance(v, list)}})
-    record.write_text(json.dumps(rec, indent=2))
-    print(f"wrote {write_card(SHAPES_WEIGHTS)}")
+    from compute.shapes.card import update_card
+    print(f"wrote {update_card(a.eval, a.validation, a.neurons)}")
 
 
 def _at_least(low: int):

@@ -10,13 +10,18 @@ import gc
 import io
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import open_clip
 import torch
+from huggingface_hub import constants
 from PIL import Image
+from tqdm import tqdm
 
 from compute.errors import AtlasError
 from compute.maths.decompose import Decomposer
@@ -107,7 +112,6 @@ class LoadedModel:
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """L2-normalised text embeddings [K, D] (float32, on the model's device)."""
-        from tqdm import tqdm
         out = []
         for i in tqdm(range(0, len(texts), batch_size), desc="encode texts", unit="batch", disable=not progress):
             tokens = self.tokenizer(texts[i:i + batch_size]).to(self.device)
@@ -117,7 +121,6 @@ class LoadedModel:
 
 def register_configs() -> None:
     """Make the project's own open_clip configs (the Shapes CLIP) known to open_clip."""
-    import open_clip
     if "clip-atlas-shapes" not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
 
@@ -145,10 +148,7 @@ def _quickgelu_arch(arch: str, tag: str | None, available: list[str]) -> tuple[s
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
     try:
-        from huggingface_hub import constants
         host = urlparse(constants.ENDPOINT).hostname or ""
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
@@ -169,7 +169,6 @@ def _info(spec: str, arch: str, tag: str, random_weights: bool, model) -> ModelI
 
 def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
     """Load an open_clip model by spec; refuse what cannot be decomposed with a one-line reason."""
-    import open_clip
     register_configs()
     arch, tag = parse_spec(spec)
     available = open_clip.list_models()
@@ -196,9 +195,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
     if pretrained is not None and not looks_like_path and not _hub_reachable():
         # no network: let the hub client look in its local cache only, instead of retrying for a minute
         os.environ["HF_HUB_OFFLINE"] = "1"
-        with contextlib.suppress(ImportError):
-            from huggingface_hub import constants
-            constants.HF_HUB_OFFLINE = True
+        constants.HF_HUB_OFFLINE = True
     try:
         # open_clip logs (not raises) several problems; keep its chatter out of the user's terminal
         root_logger, level = logging.getLogger(), logging.getLogger().level

@@ -8,14 +8,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from compute import api
 from compute.errors import AtlasError
 from compute.headnames import head_name, parse_head
+from compute.render import overlay, symmetric_range
 from compute.store.query import DEFAULT_STORE, RunInfo, Store, full_path
 from dashboard import live
+from dashboard.charts import colour_bar
 
 DISPLAY_PX = 256
 
@@ -306,14 +309,12 @@ def live_map_controls(run: RunInfo) -> tuple[str, list[tuple[int, int]] | None, 
 
 def show_scale(vmin: float, vmax: float) -> None:
     """The colour legend in data units."""
-    from dashboard.charts import colour_bar
     st.image(colour_bar(vmin, vmax), width=DISPLAY_PX)
     st.caption(f"blue {vmin:+.4f} · white 0 · red {vmax:+.4f}" if vmin < 0 < vmax else f"{vmin:+.4f} … {vmax:+.4f}")
 
 
 def show_heatmap(image: Image.Image, heat, vmin: float, vmax: float, caption: str,
                  alpha: float = DEFAULT_OPACITY) -> None:
-    from compute.render import overlay
     shown = overlay(image, heat, vmin, vmax, alpha)
     show_image(shown, caption)
     show_scale(vmin, vmax)
@@ -331,9 +332,7 @@ def download_png(image: Image.Image, what: str, name: str) -> None:
 def show_which_heads(image: Image.Image, shares: list, alpha: float, name: str) -> None:
     """Small multiples of the first k head maps (maths.segment.HeadShare, ranked; k from a slider) on one shared
     scale, each captioned with its share of the total, and a CSV of every head's score and share."""
-    import pandas as pd
 
-    from compute.render import overlay, symmetric_range
     k = st.slider("Heads shown", 1, max(1, len(shares)), min(8, len(shares)), key="which_k")
     shown = shares[:k]
     if not shown:
@@ -355,7 +354,6 @@ def show_which_heads(image: Image.Image, shares: list, alpha: float, name: str) 
 
 def contact_sheet(tiles: list[Image.Image], captions: list[str], per_row: int = 6) -> Image.Image:
     """Tiles in rows with their captions underneath: small multiples as one PNG."""
-    from PIL import ImageDraw
     w = max(t.width for t in tiles)
     h = max(t.height for t in tiles) + 18
     rows = -(-len(tiles) // per_row)

@@ -13,14 +13,8 @@ import pytest
 from compute.cli import main
 from compute.errors import AtlasError
 from compute.jobs.label import UNLABELLED, HeadLabel, majority, run_label
-from compute.jobs.metrics import (
-    ablation_cosine,
-    association,
-    entanglement,
-    leaderboard,
-    run_metrics,
-    textspan_reconstruction,
-)
+from compute.jobs.metrics import (ablation_cosine, association, entanglement, leaderboard, run_metrics,
+                                  textspan_reconstruction)
 from compute.shapes.groundtruth import chance_level, precision_at_k, specialisation
 from compute.store.layout import RunStore
 from compute.store.readers import read_head

@@ -13,14 +13,8 @@ import torch
 
 from compute.errors import AtlasError
 from compute.maths.decompose import Decomposer
-from compute.maths.neurons import (
-    SecondOrder,
-    default_neuron_layers,
-    effect_norms,
-    nnls,
-    principal_directions,
-    sparse_texts,
-)
+from compute.maths.neurons import (SecondOrder, default_neuron_layers, effect_norms, nnls, principal_directions,
+                                   sparse_texts)
 
 from .conftest import random_model
 

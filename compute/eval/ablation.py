@@ -32,6 +32,9 @@ from compute.errors import AtlasError
 from compute.headnames import parse_heads
 from compute.images import BadImage, load_image
 from compute.models import LoadedModel
+from compute.store.layout import RunStore
+from compute.store.query import Store
+from compute.store.readers import head_means
 
 
 @dataclass
@@ -132,8 +135,6 @@ def ablated_scores(hs: HeadScores, heads: list[tuple[int, int]], means: np.ndarr
 
 def run_means(run: str | Path, layers: list[int], n_heads: int, texts: torch.Tensor) -> np.ndarray:
     """Mean head contributions over a run's images, projected on the class texts: [len(layers), H, C]."""
-    from compute.store.layout import RunStore
-    from compute.store.readers import head_means
     store = RunStore(run)
     stored = store.manifest().get("head_layers", [])
     missing = sorted(set(layers) - set(stored))
@@ -146,7 +147,6 @@ def run_means(run: str | Path, layers: list[int], n_heads: int, texts: torch.Ten
 
 def property_heads(run: str | Path, prop: str) -> tuple[list[tuple[int, int]], list[int]]:
     """(the heads a run labels `prop`, the layers its labels were chosen among)."""
-    from compute.store.query import Store
     run = Path(run).resolve()
     store = Store(run.parent)
     info = store.run(run.name)
@@ -161,7 +161,6 @@ def run_ablation(loaded: LoadedModel, data: GroupedSet, ablate: str | None = Non
     info = loaded.info
     checks.one_of("mean_from", mean_from, ("eval", "run"))
     if run is not None:
-        from compute.store.layout import RunStore
         if not RunStore(run).exists():
             raise AtlasError(f"no run at {run}")
         run_model = RunStore(run).manifest().get("model")

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 from tqdm import tqdm
 
@@ -29,6 +31,7 @@ from compute.maths.decompose import resolve_layers
 from compute.maths.saliency import BASELINES, baseline_maps
 from compute.maths.segmetrics import SegmentationScores
 from compute.models import LoadedModel
+from compute.store.layout import write_table_atomic
 from compute.texts import fill_template, zero_shot_template
 
 METHODS = ("decomposition",) + BASELINES
@@ -47,7 +50,6 @@ def class_texts(loaded: LoadedModel, classes: str) -> tuple[list[str], torch.Ten
     1,000 ImageNet class names, each the normalised mean of the 80 OpenAI prompt templates (the classifier the
     papers use); otherwise a label,prompt CSV."""
     if classes == "imagenet":
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
         names = list(IMAGENET_CLASSNAMES)
         k = len(OPENAI_IMAGENET_TEMPLATES)
         prompts = [t(c) for c in names for t in OPENAI_IMAGENET_TEMPLATES]
@@ -226,9 +228,7 @@ def write_rows(rows: list[dict], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":
-        import pyarrow as pa
 
-        from compute.store.layout import write_table_atomic
         write_table_atomic(pa.Table.from_pylist(rows), out)
     elif out.suffix == ".csv":
         with open(out, "w", newline="") as f:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -32,7 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from compute.errors import AtlasError
+from compute.models import load_model
 from compute.store.layout import RunStore, vectors, write_table_atomic
+from compute.store.readers import iter_chunks, vector_column
+from compute.texts import load_pool
 
 UNLABELLED = "unlabelled"
 NULL_DRAWS = 2000     # tag permutations for the confidence (p resolves to 1/2001)
@@ -114,7 +118,6 @@ def head_texts(store: RunStore) -> dict[tuple[int, int], list[int]]:
 
 
 def read_texts(store: RunStore) -> tuple[list[str], list[list[str]], np.ndarray]:
-    from compute.store.readers import vector_column
     t = pq.read_table(store.table_path("texts"))
     return t.column("text").to_pylist(), t.column("tags").to_pylist(), vector_column(t, "embedding")
 
@@ -136,8 +139,6 @@ def label_by_majority(store: RunStore) -> list[HeadLabel]:
 
 def label_by_similarity(store: RunStore, reference: str = "general") -> list[HeadLabel]:
     """Tags each pool text with its nearest property prototype, then labels as `tags` does."""
-    from compute.models import load_model
-    from compute.texts import load_pool
     _, _, emb = read_texts(store)
     ref = load_pool(reference)
     if not ref.tagged:
@@ -200,9 +201,7 @@ def write_labels(store: RunStore, labels: list[HeadLabel]) -> None:
 def write_property_vectors(store: RunStore, labels: list[HeadLabel]) -> dict[str, int]:
     """Per image and property, the mean contribution of that property's heads: one folder per property, one part
     file per chunk of the run (streamed: memory is one chunk's rows)."""
-    import shutil
 
-    from compute.store.readers import iter_chunks
     groups: dict[str, list[tuple[int, int]]] = {}
     for x in labels:
         if x.property != UNLABELLED:

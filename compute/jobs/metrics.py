@@ -13,7 +13,11 @@ import pyarrow.parquet as pq
 from compute.errors import AtlasError
 from compute.eval.ablation import mean_ablate
 from compute.jobs.label import UNLABELLED, HeadLabel
+from compute.maths.decompose import component_layout
+from compute.models import load_model
 from compute.store.layout import RunStore
+from compute.store.query import Store
+from compute.store.readers import iter_chunks, vector_column
 from compute.texts import fill_template, zero_shot_template
 
 
@@ -71,8 +75,6 @@ def run_metrics(run: str, progress: bool = True) -> pa.Table:
 
     Two streamed passes over the run's chunks (memory: one chunk's rows, whatever the number of images):
     the first sums what the mean ablations need, the second scores each image against those means."""
-    from compute.maths.decompose import component_layout
-    from compute.store.readers import iter_chunks, vector_column
     store = RunStore(run)
     man = store.require_complete()
     rows: list[Metric] = []
@@ -159,7 +161,6 @@ def run_metrics(run: str, progress: bool = True) -> pa.Table:
 
 def _zero_shot_setup(model: str, architecture: str, labels: list[str | None]):
     """Class-name embeddings and integer labels, for the images that have a label."""
-    from compute.models import load_model
     names = sorted({l for l in labels if l})
     if len(names) < 2 or len(names) > 1000:
         return None
@@ -173,7 +174,6 @@ def _zero_shot_setup(model: str, architecture: str, labels: list[str | None]):
 def leaderboard(store: str | Path = "artifacts") -> tuple[list[str], list[dict]]:
     """(metric names, one row per run) from every complete run's metrics under the store (the query layer's
     leaderboard, pivoted for the terminal)."""
-    from compute.store.query import Store
     rows = Store(store).leaderboard()
     if not rows:
         raise AtlasError(f"no runs with metrics under {store}; run `clip-atlas metrics RUN` first")

@@ -27,7 +27,16 @@ from tqdm import tqdm
 
 from compute import checks
 from compute.errors import AtlasError
+from compute.images import ImageRef
+from compute.jobs.textspan import default_pool
+from compute.maths.decompose import resolve_layers
+from compute.maths.neurons import (SecondOrder, default_neuron_layers, effect_norms, neuron_unsupported_reason,
+                                   principal_directions, sparse_texts, trace)
+from compute.models import load_model
+from compute.runtime import decoded_batches, default_workers, pick_device
 from compute.store.layout import RunStore, vectors, write_table_atomic
+from compute.store.readers import read_images, vector_column
+from compute.texts import load_pool
 
 G_BUDGET = 768 * 2**20      # bytes of folded readout held at once
 TOP_K = 8                   # top images kept per neuron
@@ -51,7 +60,6 @@ class _Slice:
     grams: torch.Tensor | None = None
 
     def start(self, model, k: int, decomposer=None) -> None:
-        from compute.maths.neurons import SecondOrder
         self.so = SecondOrder(model, self.layer, self.neurons, decomposer)
         K, n = self.so.G.shape[:2]
         fd = self.so.G.dtype
@@ -67,7 +75,6 @@ class _Slice:
 
     def add(self, tr, ids: torch.Tensor) -> None:
         """Fold in one batch, from a forward `trace` that recorded this slice's layer."""
-        from compute.maths.neurons import effect_norms
         b = self.so.coefficients(tr)
         norms = effect_norms(b.s, self.grams)                       # [B, n]
         self.count += len(ids)
@@ -83,7 +90,6 @@ class _Slice:
         self.top_ids = cand.gather(1, pos)
 
     def finish(self, texts: np.ndarray, n_texts: int) -> dict:
-        from compute.maths.neurons import principal_directions, sparse_texts
         d = principal_directions(self.so.G.double(), self.moments, self.sums)
         out = {"direction": d.direction.float().cpu().numpy(), "share": d.share.float().cpu().numpy(),
                "mean": (self.sum_norm / max(self.count, 1)).float().cpu().numpy(),
@@ -127,12 +133,6 @@ def run_neurons(run: str, layers: str | None = None, images: int | None = None, 
                 top_k: int = TOP_K, batch_size: int = 32, device: str = "auto", workers: int | None = None,
                 progress: bool = True, loaded=None) -> dict:
     """Writes RUN/neurons/layer=L.parquet for each chosen MLP layer; returns the updated manifest."""
-    from compute.images import ImageRef
-    from compute.maths.decompose import resolve_layers
-    from compute.maths.neurons import default_neuron_layers, neuron_unsupported_reason, trace
-    from compute.models import load_model
-    from compute.runtime import decoded_batches, default_workers, pick_device
-    from compute.store.readers import read_images
 
     store = RunStore(run)
     man = store.require_complete()
@@ -208,11 +208,8 @@ def _pool(store: RunStore, man: dict, loaded, progress: bool) -> tuple[list[str]
     else the default pool for the model, encoded now."""
     path = store.table_path("texts")
     if path.is_file():
-        from compute.store.readers import vector_column
         t = pq.read_table(path, columns=["text", "embedding"])
         return t.column("text").to_pylist(), vector_column(t, "embedding"), man.get("textspan", {}).get("pool", "run")
-    from compute.jobs.textspan import default_pool
-    from compute.texts import load_pool
     name = default_pool(man.get("architecture", ""))
     pool = load_pool(name)
     return pool.texts, loaded.encode_texts(pool.texts, progress=progress).float().cpu().numpy(), name

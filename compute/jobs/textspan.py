@@ -15,18 +15,14 @@ from tqdm import tqdm
 
 from compute import checks
 from compute.errors import AtlasError
-from compute.maths.textspan import (
-    PICK_FLOOR,
-    STABILITY_K,
-    UNSTABLE_BELOW,
-    Moments,
-    TextSpanResult,
-    half_of,
-    pick_overlap,
-    textspan_from_moments,
-)
+from compute.maths.decompose import resolve_layers
+from compute.maths.textspan import (PICK_FLOOR, STABILITY_K, UNSTABLE_BELOW, Moments, TextSpanResult, half_of,
+                                    pick_overlap, textspan_from_moments)
+from compute.models import load_model
+from compute.runtime import pick_device
 from compute.store.layout import LEGACY_FIELDS, RunStore, stored_head_layers, vectors
 from compute.store.readers import iter_head
+from compute.texts import load_pool
 
 DEFAULT_M = 10      # chosen on tuning seeds: docs/textspan.md
 DEFAULT_RANK = 80
@@ -61,10 +57,6 @@ def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = D
                  device: str = "auto", heads_per_batch: int = 16, floor: float = PICK_FLOOR,
                  progress: bool = True) -> dict:
     """Writes RUN/texts.parquet, RUN/textspan.parquet (picks) and RUN/textspan_heads.parquet (per-head summary)."""
-    from compute.maths.decompose import resolve_layers
-    from compute.models import load_model
-    from compute.runtime import pick_device
-    from compute.texts import load_pool
 
     store = RunStore(run)
     man = store.require_complete()

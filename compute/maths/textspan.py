@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 RANK_TOL_EPS = torch.finfo(torch.float32).eps    # times D: RANK_TOL
@@ -188,7 +189,6 @@ def half_of(image_ids: torch.Tensor) -> torch.Tensor:
 
 def reference_textspan(C, T, m: int, rank: int):
     """The reference algorithm, one head, as written in DESIGN section 3 (numpy, float64); for tests and benchmarks."""
-    import numpy as np
     C = np.asarray(C, np.float64)
     T = np.asarray(T, np.float64)
     _, _, vh = np.linalg.svd(C, full_matrices=False)

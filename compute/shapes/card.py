@@ -4,6 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from compute.errors import AtlasError
+from compute.models import SHAPES_WEIGHTS
+from compute.shapes.neurons import evaluate_neurons
+from compute.shapes.world import ATTRIBUTES
+from compute.store.layout import RunStore
+
 RECIPE_NOTES = """\
 ## Recipe, and what the choices did
 - **Hard-negative groups.** A batch of 256 is 32 groups of 8 scenes: a base scene and 7 variants that
@@ -35,6 +41,31 @@ RECIPE_NOTES = """\
 """
 
 
+def update_card(eval_run: str | None = None, validation: str | None = None, neuron_runs: list[str] | None = None,
+                weights: Path = SHAPES_WEIGHTS) -> Path:
+    """Add a run's ground-truth figures, a `shapes validate` report and neuron runs' figures to the training
+    record beside the weights, then rewrite the card from it."""
+    record = weights.with_suffix(".json")
+    if not record.is_file():
+        raise AtlasError(f"no training record at {record}; run `clip-atlas shapes train`")
+    rec = json.loads(record.read_text())
+    if eval_run:
+        rec["ground_truth"] = RunStore(eval_run).manifest().get("shapes_eval") or {}
+    if validation:
+        try:
+            report = json.loads(Path(validation).read_text())
+            rec["validation"] = {"seeds": report["seeds"], "n": report["n"], "summary": report["summary"]}
+        except (OSError, ValueError, KeyError):
+            raise AtlasError(f"{validation} is not a report written by `clip-atlas shapes validate`") from None
+    if neuron_runs:
+        rec["neurons"] = []
+        for run in neuron_runs:
+            _, summary = evaluate_neurons(run)
+            rec["neurons"].append({"run": Path(run).name, **{k: v for k, v in summary.items() if not isinstance(v, list)}})
+    record.write_text(json.dumps(rec, indent=2))
+    return write_card(weights)
+
+
 def write_card(weights: Path) -> Path:
     rec = json.loads(weights.with_suffix(".json").read_text())
     cap, zs, targets = rec["heldout"]["caption"], rec["heldout"]["zero_shot"], rec["targets"]
@@ -62,7 +93,6 @@ def write_card(weights: Path) -> Path:
         "| attribute | values | chance | caption accuracy | target | zero-shot |",
         "|---|---|---|---|---|---|",
     ]
-    from compute.shapes.world import ATTRIBUTES
     for attr, values in ATTRIBUTES.items():
         ok = "met" if cap[attr] >= targets[attr] else "**missed**"
         lines.append(f"| {attr} | {len(values)} | {1 / len(values):.2f} | {cap[attr]:.3f} | >= {targets[attr]} ({ok}) | {zs[attr]:.3f} |")

@@ -16,6 +16,8 @@ from compute.errors import AtlasError
 from compute.maths.describe import rank_texts, span_scores
 from compute.shapes.neurons import scene_has, scenes_by_id, shapes_tags, text_value
 from compute.store.layout import RunStore
+from compute.store.query import Store
+from compute.store.readers import head_files, read_rows
 
 K = 3
 N_IMAGES = 300
@@ -23,8 +25,6 @@ N_IMAGES = 300
 
 def evaluate_descriptions(run: str, k: int = K, n_images: int = N_IMAGES) -> dict[str, float]:
     """{describe_precision_at_k, describe_chance_at_k, describe_images} for a Shapes run with TextSpan."""
-    from compute.store.query import Store
-    from compute.store.readers import head_files, read_rows
     store = RunStore(run)
     s = Store(store.root.parent)
     info = s.run(store.root.name)

@@ -19,13 +19,20 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from compute.errors import AtlasError
+from compute.maths.segment import heatmap, iou_at_mean, upsample
+from compute.models import load_model
 from compute.shapes.dataset import load_scenes
+from compute.shapes.describe import evaluate_descriptions
+from compute.shapes.neurons import evaluate_neurons
 from compute.shapes.world import ATTRIBUTES
 from compute.store.layout import RunStore
+from compute.store.readers import head_files, read_images, read_rows
 
 SPECIALISED_LIFT = 0.25
 SPECIALISED_MARGIN = 2.0
@@ -61,7 +68,6 @@ def specialisation(lifts: dict[str, float]) -> str | None:
 
 def scene_table(store: RunStore) -> tuple[np.ndarray, list[dict], np.ndarray, np.ndarray]:
     """(image_ids, scene records, masks, scene row of each image) for the run's images, sorted by image_id."""
-    from compute.store.readers import read_images
     man = store.manifest()
     scenes, masks = load_scenes(man["images_root"])
     row_of = {s["path"]: i for i, s in enumerate(scenes)}
@@ -85,7 +91,6 @@ def single_object_values(scenes: list[dict], rows: np.ndarray) -> tuple[np.ndarr
 
 
 def evaluate_heads(store: RunStore, progress: bool = True) -> pa.Table:
-    from compute.store.readers import head_files, read_rows
     man = store.manifest()
     ids, scenes, _, rows = scene_table(store)
     single, values = single_object_values(scenes, rows)
@@ -115,11 +120,7 @@ def evaluate_heads(store: RunStore, progress: bool = True) -> pa.Table:
 
 
 def evaluate_segmentation(store: RunStore, n_images: int = 120, seed: int = 0, progress: bool = True) -> pa.Table:
-    from PIL import Image
 
-    from compute.maths.segment import heatmap, iou_at_mean, upsample
-    from compute.models import load_model
-    from compute.store.readers import read_images
     man = store.manifest()
     ids, scenes, masks, rows = scene_table(store)
     paths = read_images(store, columns=["image_id", "path"]).column("path").to_pylist()
@@ -152,7 +153,6 @@ def evaluate_segmentation(store: RunStore, n_images: int = 120, seed: int = 0, p
 
 def label_agreement(truth_rows: list[dict], store: RunStore) -> dict[str, float]:
     """Share of the clearly specialised heads whose property label names the attribute they specialise in."""
-    import pyarrow.parquet as pq
     labels = {(r["layer"], r["head"]): r["property"] for r in pq.read_table(store.table_path("properties")).to_pylist()}
     special = [(r["layer"], r["head"], r["attribute"]) for r in truth_rows if r["specialised"]]
     hits = [labels.get((l, h)) == a for l, h, a in special]
@@ -179,10 +179,8 @@ def evaluate_run(run: str, progress: bool = True) -> dict:
     if store.table_path("properties").is_file():
         summary.update(label_agreement(rows, store))
     if store.table_path("textspan").is_file():
-        from compute.shapes.describe import evaluate_descriptions
         summary.update(evaluate_descriptions(run))
     if any((store.root / "neurons").glob("layer=*.parquet")):
-        from compute.shapes.neurons import evaluate_neurons
         table, neurons = evaluate_neurons(run)
         store.write_derived("shapes_neurons", table)
         summary.update({f"neuron_{k}": v for k, v in neurons.items() if not isinstance(v, list)})

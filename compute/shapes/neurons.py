@@ -21,6 +21,8 @@ from compute.errors import AtlasError
 from compute.shapes.dataset import load_scenes
 from compute.shapes.world import ATTRIBUTES
 from compute.store.layout import RunStore
+from compute.store.readers import read_images
+from compute.texts import load_pool
 
 CLEAR_WEIGHT = 0.5
 
@@ -58,7 +60,6 @@ def scene_has(scene: dict, attribute: str, value: str) -> bool:
 
 def scenes_by_id(store: RunStore) -> dict[int, dict | None]:
     """image_id -> its scene row (None for an image that is not a Shapes scene), in image_id order."""
-    from compute.store.readers import read_images
     scenes, _ = load_scenes(store.manifest()["images_root"])
     by_path = {s["path"]: s for s in scenes}
     images = read_images(store, columns=["image_id", "path"])
@@ -67,7 +68,6 @@ def scenes_by_id(store: RunStore) -> dict[int, dict | None]:
 
 def shapes_tags() -> dict[str, str | None]:
     """Each Shapes pool text -> the attribute it is tagged with."""
-    from compute.texts import load_pool
     pool = load_pool("shapes")
     return {t: (tg[0] if tg else None) for t, tg in zip(pool.texts, pool.tags)}
 

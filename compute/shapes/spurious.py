@@ -24,10 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
+from compute.eval.ablation import format_report, read_grouped_set, run_ablation
 from compute.headnames import head_name
-from compute.shapes.train import TrainConfig
-from compute.shapes.world import OBJECT_ATTRIBUTES, Renderer, Scene, Tie, WorldSpec, describe
+from compute.models import SHAPES_WEIGHTS, SPURIOUS_WEIGHTS, load_model
+from compute.shapes.accuracy import attribute_accuracy, to_model_input
+from compute.shapes.pipeline import build_shapes_store
+from compute.shapes.train import TrainConfig, build_model, fit, sample_group, save_weights
+from compute.shapes.world import (ATTRIBUTES, OBJECT_ATTRIBUTES, Renderer, Scene, Tie, WorldSpec, attribute_prompt,
+                                  describe)
+from compute.store.layout import write_json_atomic
 
 SPURIOUS_NAME = "shapes-spurious"
 CLASSES = ("circle", "square")
@@ -75,11 +83,7 @@ def spurious_caption(scene: Scene, rng: random.Random, p_background: float) -> s
 
 def finetune(cfg: SpuriousConfig, out: Path, base_weights: Path | None = None, log=print) -> dict:
     """Fine-tune the bundled Shapes CLIP on the tied world; writes fp16 weights and a JSON record beside them."""
-    from safetensors.torch import load_file
 
-    from compute.models import SHAPES_WEIGHTS
-    from compute.shapes.accuracy import attribute_accuracy, to_model_input
-    from compute.shapes.train import build_model, fit, sample_group, save_weights
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     model, tokenizer = build_model()
@@ -112,9 +116,7 @@ def finetune(cfg: SpuriousConfig, out: Path, base_weights: Path | None = None, l
 
 def write_test_set(out: Path, n: int, seed: int) -> Path:
     """A balanced class x background test set: out/images/*.png, out/groups.csv, out/classes.csv."""
-    from PIL import Image
 
-    from compute.shapes.world import attribute_prompt
     (out / "images").mkdir(parents=True, exist_ok=True)
     scenes = balanced_scenes(n, seed)
     renderer, rng = Renderer(seed), random.Random(f"render-{seed}")
@@ -134,10 +136,6 @@ def run_spurious(out: str | Path, seed: int = 1, n_store: int = 2000, n_test: in
                  retrain: bool = False, progress: bool = True) -> dict:
     """Store, TextSpan and labels of the spurious model on ordinary scenes (seed), then `eval ablation` of its
     background heads on a balanced test set (seed); writes out/ablation.json and out/ablation.md."""
-    from compute.eval.ablation import format_report, read_grouped_set, run_ablation
-    from compute.models import SPURIOUS_WEIGHTS, load_model
-    from compute.shapes.pipeline import build_shapes_store
-    from compute.store.layout import write_json_atomic
     out = Path(out)
     if retrain or not SPURIOUS_WEIGHTS.is_file():
         finetune(SpuriousConfig(), SPURIOUS_WEIGHTS)
@@ -169,7 +167,6 @@ def format_table(report: dict) -> str:
 
 def write_spurious_card(weights: Path, report: dict | None = None) -> Path:
     """MODEL_CARD-shapes-spurious.md beside the weights, from the fine-tune record (and an experiment's report)."""
-    from compute.shapes.world import ATTRIBUTES
     rec = json.loads(weights.with_suffix(".json").read_text())
     cfg, acc = rec["config"], rec["heldout"]
     if report is not None:

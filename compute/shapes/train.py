@@ -17,11 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from compute.models import register_configs
 from compute.shapes.accuracy import CAPTION_TARGETS, attribute_accuracy, to_model_input
+from compute.shapes.card import write_card
 from compute.shapes.world import ATTRIBUTES, POSITIONS, Renderer, Scene, WorldSpec, caption
 
 MODEL_NAME = "clip-atlas-shapes"
@@ -89,9 +93,7 @@ class BatchMaker:
 
 
 def build_model():
-    import open_clip
 
-    from compute.models import register_configs
     register_configs()
     model = open_clip.create_model(MODEL_NAME, pretrained=None)
     return model, open_clip.get_tokenizer(MODEL_NAME)
@@ -122,7 +124,6 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def save_weights(model, path: Path) -> None:
     """fp16 safetensors (the card's figures are measured on these rounded weights)."""
-    from safetensors.torch import save_file
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -169,14 +170,12 @@ def train(cfg: TrainConfig, out: Path, log=print) -> dict:
     fit(model, cfg, batches, "train", checkpoint)
     wall = time.time() - t0
     # final figures on the rounded weights, as they will be loaded
-    from safetensors.torch import load_file
     model.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()})
     final = attribute_accuracy(model, tokenizer, n=1000, seed=12345)
     card = {"model": MODEL_NAME, "config": asdict(cfg), "wall_minutes": wall / 60,
             "heldout": final, "targets": CAPTION_TARGETS, "history": history,
             "parameters": sum(p.numel() for p in model.parameters())}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
-    from compute.shapes.card import write_card
     write_card(out)
     log(json.dumps({"final": final, "wall_minutes": wall / 60}))
     return card

@@ -26,7 +26,9 @@ import pyarrow.parquet as pq
 
 from compute import checks
 from compute.shapes.groundtruth import chance_level, scene_table, single_object_values
+from compute.shapes.pipeline import build_shapes_store
 from compute.store.layout import RunStore, write_json_atomic, write_table_atomic
+from compute.store.readers import read_rows
 
 VALIDATION_SEED_BASE = 101
 P_AT = 4
@@ -35,7 +37,6 @@ P_AT = 4
 def property_precision(store: RunStore, ids: np.ndarray, values: dict[str, np.ndarray], single: np.ndarray,
                        k: int = P_AT) -> dict[str, float]:
     """precision@k of property search per labelled property that names an attribute (over the scored scenes)."""
-    from compute.store.readers import read_rows
     out = {}
     for a, v in values.items():
         folder = store.property_dir(a)
@@ -83,7 +84,6 @@ def score_run(run: Path) -> dict[str, float]:
 def validate(out: str | Path, seeds: int = 3, n: int = 2000, seed_base: int = VALIDATION_SEED_BASE,
              progress: bool = True) -> dict:
     """Runs every seed (resumable: finished steps are kept), writes report.json and report.parquet, returns the report."""
-    from compute.shapes.pipeline import build_shapes_store
     checks.at_least(1, seeds=seeds)
     checks.at_least(50, n=n)
     out = Path(out)

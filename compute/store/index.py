@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from compute.errors import AtlasError
 from compute.store.layout import RunStore
+from compute.store.readers import head_files, vector_column
 
 INDEX_DIR = "_index"
 #: Rows scored per block: bounds the temporary float32 copy of a block, whatever N.
@@ -36,7 +37,6 @@ def _signature(files: list[Path]) -> list[list]:
 
 def build_head_index(store: RunStore, layer: int, head: int) -> Path:
     """Write (or rewrite) one head's index from its part files, streamed into a memory-mapped file."""
-    from compute.store.readers import head_files, vector_column
     files = head_files(store, layer, head)
     n = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     first = pq.read_table(files[0], columns=["contribution"])
@@ -64,7 +64,6 @@ def build_head_index(store: RunStore, layer: int, head: int) -> Path:
 
 def open_head_index(store: RunStore, layer: int, head: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(ids, memory-mapped vectors) when a current index exists, else None."""
-    from compute.store.readers import head_files
     out = index_dir(store, layer, head)
     try:
         if json.loads((out / "source.json").read_text()) != _signature(head_files(store, layer, head)):

@@ -17,7 +17,9 @@ import numpy as np
 
 from compute.errors import AtlasError
 from compute.store import readers
+from compute.store.index import open_head_index, top_k
 from compute.store.layout import MANIFEST, RunStore
+from compute.store.readers import vector_column
 
 DEFAULT_STORE = Path(__file__).resolve().parents[2] / "artifacts"
 #: Memory for vector matrices kept between queries (a 50,000 x 512 head is 100 MB).
@@ -269,7 +271,6 @@ class Store:
                    exclude: int | None = None) -> list[tuple[int, float]]:
         """Exact top-k images by dot product with one head's contributions: from the head's memory-mapped index
         when `clip-atlas index` built a current one (no re-read, any N), else from Parquet through DuckDB (LRU)."""
-        from compute.store.index import open_head_index, top_k
         index = open_head_index(RunStore(run.path), layer, head)
         if index is None:
             index = self._matrix(run.layout.heads_glob(layer, head),
@@ -278,7 +279,6 @@ class Store:
 
     def property_top_k(self, run: RunInfo, prop: str, query: np.ndarray, k: int = 4,
                        exclude: int | None = None) -> list[tuple[int, float]]:
-        from compute.store.index import top_k
         ids, M = self._matrix(run.layout.property_glob(prop), "vector")
         return top_k(ids, M, query, k, exclude)
 
@@ -428,7 +428,6 @@ class Store:
         if not run.has("texts"):
             return None
         table = self._cur().sql("SELECT embedding FROM read_parquet(?)", params=[str(run.layout.table_path("texts"))]).to_arrow_table()
-        from compute.store.readers import vector_column
         return vector_column(table, "embedding")
 
 

@@ -13,6 +13,8 @@ import itertools
 import random
 from pathlib import Path
 
+from compute.shapes.world import ATTRIBUTES
+
 HERE = Path(__file__).parent
 MAX_WORDS = 9
 
@@ -331,7 +333,6 @@ def general_pool(seed: int = 0) -> list[tuple[str, list[str]]]:
 
 
 def shapes_pool() -> list[tuple[str, list[str]]]:
-    from compute.shapes.world import ATTRIBUTES
     rows: dict[str, list[str]] = {}
     phrasing = {
         "color": ["{v}", "a {v} object", "something {v}", "the color {v}", "a {v} shape"],

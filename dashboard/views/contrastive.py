@@ -5,17 +5,8 @@ from compute.api import clean_text
 from compute.maths.segment import contrastive, which_heads
 from compute.render import symmetric_range
 from dashboard import live
-from dashboard.common import (
-    live_map_controls,
-    param,
-    pick_image,
-    set_params,
-    show_errors,
-    show_heatmap,
-    show_image,
-    show_which_heads,
-    start_page,
-)
+from dashboard.common import (live_map_controls, param, pick_image, set_params, show_errors, show_heatmap, show_image,
+                              show_which_heads, start_page)
 
 s, run = start_page("Contrastive segmentation")
 with show_errors():

@@ -2,16 +2,8 @@
 import streamlit as st
 
 from dashboard import charts
-from dashboard.common import (
-    api_run,
-    download_csv,
-    param_in,
-    pick_image,
-    set_params,
-    show_errors,
-    show_image,
-    start_page,
-)
+from dashboard.common import (api_run, download_csv, param_in, pick_image, set_params, show_errors, show_image,
+                              start_page)
 
 s, run = start_page("Describe an image", need=("textspan",))
 api = api_run(s, run)

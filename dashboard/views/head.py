@@ -3,19 +3,8 @@ import streamlit as st
 
 from compute.render import symmetric_range
 from dashboard import charts
-from dashboard.common import (
-    api_run,
-    download_csv,
-    param,
-    pick_head,
-    pick_image,
-    pick_opacity,
-    set_params,
-    show_errors,
-    show_heatmap,
-    show_hits,
-    start_page,
-)
+from dashboard.common import (api_run, download_csv, param, pick_head, pick_image, pick_opacity, set_params,
+                              show_errors, show_heatmap, show_hits, start_page)
 
 s, run = start_page("Head")
 api = api_run(s, run)

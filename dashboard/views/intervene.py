@@ -8,19 +8,8 @@ from compute.maths.segment import heatmap
 from compute.render import symmetric_range
 from compute.texts import zero_shot_template
 from dashboard import charts, live
-from dashboard.common import (
-    api_run,
-    download_csv,
-    intervention,
-    param,
-    pick_image,
-    pick_opacity,
-    set_params,
-    show_errors,
-    show_heatmap,
-    show_image,
-    start_page,
-)
+from dashboard.common import (api_run, download_csv, intervention, param, pick_image, pick_opacity, set_params,
+                              show_errors, show_heatmap, show_image, start_page)
 
 MAX_LABELS = 16      # labels charted (the largest changes); the CSV has them all
 

@@ -3,19 +3,8 @@ import streamlit as st
 
 from compute.render import symmetric_range
 from dashboard import charts
-from dashboard.common import (
-    api_run,
-    download_csv,
-    param,
-    pick_image,
-    pick_opacity,
-    set_params,
-    show_errors,
-    show_heatmap,
-    show_hits,
-    show_image,
-    start_page,
-)
+from dashboard.common import (api_run, download_csv, param, pick_image, pick_opacity, set_params, show_errors,
+                              show_heatmap, show_hits, show_image, start_page)
 
 ORDERS = {"mean_norm": "mean effect", "max_norm": "largest effect", "direction_share": "one-direction share",
           "text_share": "described by its texts", "neuron": "neuron index"}

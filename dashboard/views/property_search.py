@@ -1,17 +1,8 @@
 """Property-based nearest neighbours: images whose property heads say the same about them."""
 import streamlit as st
 
-from dashboard.common import (
-    api_run,
-    param,
-    param_in,
-    pick_image,
-    set_params,
-    show_errors,
-    show_hits,
-    show_image,
-    start_page,
-)
+from dashboard.common import (api_run, param, param_in, pick_image, set_params, show_errors, show_hits, show_image,
+                              start_page)
 
 s, run = start_page("Property search", need=("properties",))
 with show_errors():

@@ -6,17 +6,8 @@ from compute.headnames import head_name
 from compute.maths.segment import heatmap, which_heads
 from compute.render import symmetric_range
 from dashboard import live
-from dashboard.common import (
-    live_map_controls,
-    param,
-    pick_image,
-    set_params,
-    show_errors,
-    show_heatmap,
-    show_image,
-    show_which_heads,
-    start_page,
-)
+from dashboard.common import (live_map_controls, param, pick_image, set_params, show_errors, show_heatmap, show_image,
+                              show_which_heads, start_page)
 
 s, run = start_page("Topic segmentation")
 with show_errors():
