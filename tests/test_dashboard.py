@@ -211,7 +211,7 @@ def test_describe_page(store):
 def test_intervene_page_heads_and_property(store):
     at = app(store, "views/intervene.py", ablate="5.1,4.2")
     assert not at.exception, at.exception
-    assert at.radio(key="imode").value == "Chosen heads" and at.multiselect(key="iheads").value == ["5.1", "4.2"]
+    assert at.radio(key="imode").value == "Chosen heads" and at.multiselect(key="iheads").value == ["L5.H1", "L4.H2"]
     names = [m.label for m in at.metric]
     assert names[0] == "zero-shot accuracy, as is" and names[1] == "with 2 heads mean-ablated"
     assert at.metric[0].value.endswith("%") and at.metric[1].value.endswith("%")

@@ -1,6 +1,7 @@
 """Every head at a glance: the property grid (click a cell to open that head), ground truth on Shapes stores."""
 import streamlit as st
 
+from compute.headnames import head_name
 from dashboard import charts
 from dashboard.common import pick_head, show_errors, start_page
 
@@ -24,7 +25,7 @@ with show_errors():
     layer, head = pick_head(run)
     label = {(r.layer, r.head): r for r in props}.get((layer, head))
     texts = s.head_texts(run, layer, head)
-    st.markdown(f"**L{layer}.H{head}** · " + (f"property: {label.property} ({label.confidence:.0%})" if label else "no property")
+    st.markdown(f"**{head_name(layer, head)}** · " + (f"property: {label.property} ({label.confidence:.0%})" if label else "no property")
                 + (f" · “{texts[0].text}”" if texts else ""))
-    st.page_link("views/head.py", label=f"Open head L{layer}.H{head}", icon=":material/open_in_new:",
+    st.page_link("views/head.py", label=f"Open head {head_name(layer, head)}", icon=":material/open_in_new:",
                  query_params={"run": run.name, "layer": layer, "head": head})

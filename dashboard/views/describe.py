@@ -1,6 +1,7 @@
 """One image in words: the texts its head contributions express most, and the heads behind each text."""
 import streamlit as st
 
+from compute.headnames import parse_head
 from dashboard import charts
 from dashboard.common import (api_run, download_csv, param_in, pick_image, set_params, show_errors, show_image,
                               start_page)
@@ -28,8 +29,8 @@ with show_errors():
             cols = st.columns([2] + [1] * 4)
             cols[0].markdown(f"**{row.text}**  \n{row.score:+.4f}")
             for col, head, score in zip(cols[1:], row.heads, row.head_scores):
-                layer, h = head.split(".")
-                col.page_link("views/head.py", label=f"L{layer}.H{h} {score:+.4f}", icon=":material/center_focus_strong:",
+                layer, h = parse_head(head)
+                col.page_link("views/head.py", label=f"{head} {score:+.4f}", icon=":material/center_focus_strong:",
                               query_params={"run": run.name, "layer": layer, "head": h})
         st.subheader("Per head: its texts along this image")
         best = d.pairs.drop_duplicates(["layer", "head"]).sort_values("score", ascending=False)

@@ -1,6 +1,7 @@
 """One head: its texts, property, top and bottom images, neighbours of an image, its heatmap, the neurons feeding it."""
 import streamlit as st
 
+from compute.headnames import head_name
 from compute.render import symmetric_range
 from dashboard import charts
 from dashboard.common import (api_run, download_csv, param, pick_head, pick_image, pick_opacity, set_params,
@@ -23,16 +24,16 @@ with show_errors():
         st.info("This head has no TextSpan texts yet: `clip-atlas textspan RUN`.")
     else:
         st.altair_chart(charts.text_bars(list(view.texts.itertuples(index=False, name=None))), width="stretch")
-        download_csv(view.texts, f"L{layer}.H{head} texts")
+        download_csv(view.texts, f"{head_name(layer, head)} texts")
         first = view.texts.text.iloc[0]
         a, b = st.columns(2)
         with a:
             st.markdown(f"**Furthest along “{first}”**")
-            show_hits(s, run, view.top, score_name="projection on the direction", name=f"L{layer}.H{head} top images")
+            show_hits(s, run, view.top, score_name="projection on the direction", name=f"{head_name(layer, head)} top images")
         with b:
             st.markdown("**Furthest against it**")
             show_hits(s, run, view.bottom, score_name="projection on the direction",
-                      name=f"L{layer}.H{head} bottom images")
+                      name=f"{head_name(layer, head)} bottom images")
     st.divider()
     st.markdown("**An image through this head**")
     img = pick_image(s, run, key="himg")
@@ -43,11 +44,11 @@ with show_errors():
         c1, c2 = st.columns([1, 2])
         with c1:
             heat = api.segment(img.image, text, heads=[(layer, head)])
-            show_heatmap(img.image, heat, *symmetric_range(heat), f"“{text}” through L{layer}.H{head}", pick_opacity())
+            show_heatmap(img.image, heat, *symmetric_range(heat), f"“{text}” through {head_name(layer, head)}", pick_opacity())
         with c2:
             target = img.image_id if img.image_id is not None else img.image
             st.markdown("Its nearest stored images through this head")
-            show_hits(s, run, api.neighbours(target, layer, head, k=8), name=f"L{layer}.H{head} neighbours")
+            show_hits(s, run, api.neighbours(target, layer, head, k=8), name=f"{head_name(layer, head)} neighbours")
     if s.neuron_layers(run):
         feeding = s.neurons_through_head(run, layer, head, limit=6)
         st.subheader("Neurons whose second-order effect flows mainly through this head")

@@ -1,6 +1,7 @@
 """MLP neurons by their second-order effects: texts, top images, where in an image the effect comes from."""
 import streamlit as st
 
+from compute.headnames import head_name
 from compute.render import symmetric_range
 from dashboard import charts
 from dashboard.common import (api_run, download_csv, param, pick_image, pick_opacity, set_params, show_errors,
@@ -31,7 +32,7 @@ with show_errors():
     else:
         table = api.neurons(layer, order=order, limit=200)
     table = table.assign(texts=table["texts"].map(" · ".join),
-                         head=[f"L{l}.H{h}" for l, h in zip(table["main_head_layer"], table["main_head"])])
+                         head=[head_name(l, h) for l, h in zip(table["main_head_layer"], table["main_head"])])
     cols = ["neuron"] + (["score"] if "score" in table else []) + ["mean_norm", "max_norm", "direction_share",
                                                                    "texts", "head", "main_head_share"]
     picked = st.dataframe(table[cols], hide_index=True, on_select="rerun", selection_mode="single-row", key="ntable",
@@ -59,9 +60,9 @@ with show_errors():
               help=f"direct (first-order) effect: {info['direct_mean_norm']:.2e}")
     m2.metric("along one direction", f"{info['direction_share']:.0%}")
     m3.metric("explained by its texts", f"{info['text_share']:.0%}")
-    m4.metric("main head", f"L{info['main_head_layer']}.H{info['main_head']}", f"{info['main_head_share']:.0%} of it",
+    m4.metric("main head", head_name(info['main_head_layer'], info['main_head']), f"{info['main_head_share']:.0%} of it",
               delta_color="off")
-    st.page_link("views/head.py", label=f"Open head L{info['main_head_layer']}.H{info['main_head']}",
+    st.page_link("views/head.py", label=f"Open head {head_name(info['main_head_layer'], info['main_head'])}",
                  icon=":material/grid_view:",
                  query_params={"run": run.name, "layer": info["main_head_layer"], "head": info["main_head"]})
     left, right = st.columns(2)

@@ -1,6 +1,7 @@
 """Property-based nearest neighbours: images whose property heads say the same about them."""
 import streamlit as st
 
+from compute.headnames import head_name
 from dashboard.common import (api_run, param, param_in, pick_image, set_params, show_errors, show_hits, show_image,
                               start_page)
 
@@ -15,7 +16,7 @@ with show_errors():
     k = st.sidebar.slider("Results", 1, 16, param_in("k", 4, 1, 16), key="k")
     set_params(property=prop, k=k)
     heads = s.heads_with_property(run, prop)
-    st.caption(f"{len(heads)} heads carry **{prop}**: " + ", ".join(f"L{l}H{h}" for l, h in heads))
+    st.caption(f"{len(heads)} heads carry **{prop}**: " + ", ".join(head_name(l, h) for l, h in heads))
     img = pick_image(s, run)
     if img is not None:
         show_image(img.image, img.caption)
