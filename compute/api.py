@@ -90,7 +90,8 @@ def decompose(model: str | LoadedModel, images: Sequence[str | Path | Image.Imag
     cat = {f: torch.cat([getattr(p, f) for p in parts]).cpu()
            for f in ("embedding", "embed", "attn", "attn_bias", "mlp", "ln_bias", "heads")}
     tok = torch.cat([p.tokens for p in parts]).cpu() if tokens else None
-    return Decomposition(**cat, head_layers=list(heads), token_layers=list(tokens), tokens=tok)
+    pool_mlp = torch.cat([p.pool_mlp for p in parts]).cpu() if parts[0].pool_mlp is not None else None
+    return Decomposition(**cat, head_layers=list(heads), token_layers=list(tokens), tokens=tok, pool_mlp=pool_mlp)
 
 
 def clean_text(text: str | None) -> str:

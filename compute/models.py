@@ -26,7 +26,8 @@ from tqdm import tqdm
 from compute.errors import AtlasError
 from compute.maths.decompose import Decomposer
 from compute.maths.segment import TokenMaps
-from compute.maths.trace import Tower, unsupported_reason
+from compute.maths.trace import Tower
+from compute.maths.towers import tower, unsupported_reason
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights" / "clip-atlas-shapes.safetensors"
@@ -44,7 +45,19 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "ViT-B-32:datacomp_m_s128m_b4k": ("ViT-B-32", "datacomp_m_s128m_b4k"),
     "ViT-L-14:laion2b_s32b_b82k": ("ViT-L-14", "laion2b_s32b_b82k"),
     "ViT-H-14:laion2b_s32b_b79k": ("ViT-H-14", "laion2b_s32b_b79k"),
+    "ViT-B-16-SigLIP:webli": ("ViT-B-16-SigLIP", "webli"),
+    "ViT-L-16-SigLIP-256:webli": ("ViT-L-16-SigLIP-256", "webli"),
+    "ViT-SO400M-14-SigLIP:webli": ("ViT-SO400M-14-SigLIP", "webli"),
+    "ViT-B-16-SigLIP2:webli": ("ViT-B-16-SigLIP2", "webli"),
+    "ViT-L-16-SigLIP2-256:webli": ("ViT-L-16-SigLIP2-256", "webli"),
+    "ViT-SO400M-14-SigLIP2:webli": ("ViT-SO400M-14-SigLIP2", "webli"),
+    "EVA02-B-16:merged2b_s8b_b131k": ("EVA02-B-16", "merged2b_s8b_b131k"),
+    "EVA02-L-14:merged2b_s4b_b131k": ("EVA02-L-14", "merged2b_s4b_b131k"),
+    "PE-Core-B-16:meta": ("PE-Core-B-16", "meta"),
+    "PE-Core-L-14-336:meta": ("PE-Core-L-14-336", "meta"),
 }
+#: Environment variable naming a local copy of a Hugging Face tokenizer (SigLIP's is fetched by name otherwise).
+TOKENIZER_ENV = "CLIP_ATLAS_TOKENIZER"
 _QUICKGELU_TAGS = ("openai", "metaclip", "dfn")
 
 
@@ -61,7 +74,9 @@ class ModelInfo:
     embed_dim: int
     grid: tuple[int, int]
     image_size: tuple[int, int]
-    pool_type: str
+    pool_type: str                  # tok | avg | map (an attention-pool head)
+    family: str = "open_clip ViT"   # the tower family (compute.maths.towers.FAMILIES)
+    prefix_tokens: int = 1          # tokens before the patch grid (a class token, registers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +95,7 @@ class LoadedModel:
     def tower(self) -> Tower:
         """The vision tower as the traced forward reads it."""
         if "tower" not in self._decomposers:
-            self._decomposers["tower"] = Tower(self.model)
+            self._decomposers["tower"] = tower(self.model)
         return self._decomposers["tower"]
 
     def decomposer(self, head_layers: tuple[int, ...] = (), token_layers: tuple[int, ...] = ()):
@@ -157,14 +172,47 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _info(spec: str, arch: str, tag: str, random_weights: bool, model) -> ModelInfo:
-    v = model.visual
-    blk = v.transformer.resblocks[0]
+    t = tower(model)
     return ModelInfo(
-        spec=spec, architecture=arch, tag=tag, random_weights=random_weights,
-        layers=len(v.transformer.resblocks), heads=blk.attn.num_heads, width=v.transformer.width,
-        embed_dim=v.output_dim if v.proj is None else v.proj.shape[1], grid=tuple(v.grid_size),
-        image_size=tuple(v.image_size), pool_type=v.pool_type,
+        spec=spec, architecture=arch, tag=tag, random_weights=random_weights, layers=t.n_layers, heads=t.n_heads,
+        width=t.width, embed_dim=t.embed_dim, grid=tuple(t.grid), image_size=tuple(t.image_size),
+        pool_type=t.pool_type, family=t.family, prefix_tokens=t.prefix,
     )
+
+
+class OfflineTokenizer:
+    """For a randomly initialised model whose tokenizer cannot be had offline (SigLIP's Hugging Face tokenizer):
+    CLIP's own BPE, ids folded into the text tower's vocabulary. A random text tower has no vocabulary to honour,
+    so any deterministic tokenizer serves; a real checkpoint never gets this one."""
+
+    def __init__(self, vocab_size: int, context_length: int):
+        self.inner = open_clip.SimpleTokenizer(context_length=context_length)
+        self.vocab_size, self.context_length = vocab_size, context_length
+
+    def __call__(self, texts, context_length: int | None = None) -> torch.Tensor:
+        return self.inner(texts, context_length or self.context_length) % self.vocab_size
+
+
+def _tokenizer(arch: str, random_weights: bool, model) -> Callable:
+    """open_clip's tokenizer for `arch`; a local copy named by CLIP_ATLAS_TOKENIZER for Hugging Face tokenizers;
+    for random weights offline, OfflineTokenizer; otherwise a one-line error saying how to pass a local copy."""
+    cfg = open_clip.get_model_config(arch) or {}
+    hf_name = cfg.get("text_cfg", {}).get("hf_tokenizer_name")
+    local = os.environ.get(TOKENIZER_ENV)
+    try:
+        if hf_name and local:
+            text = cfg["text_cfg"]
+            return open_clip.tokenizer.HFTokenizer(local, context_length=text.get("context_length", 64),
+                                                   **text.get("tokenizer_kwargs", {}))
+        return open_clip.get_tokenizer(arch)
+    except (ImportError, OSError, ValueError) as e:
+        if random_weights:
+            vocab = getattr(model, "vocab_size", None) or cfg.get("text_cfg", {}).get("vocab_size", 49408)
+            return OfflineTokenizer(vocab, cfg.get("text_cfg", {}).get("context_length", 77))
+        why = "the transformers package is missing" if isinstance(e, ImportError) else "it cannot be fetched offline"
+        raise AtlasError(f"{arch} needs the Hugging Face tokenizer {hf_name or arch!r} and {why}: save it with "
+                         f"AutoTokenizer.from_pretrained({hf_name!r}).save_pretrained(DIR) where there is network, "
+                         f"then set {TOKENIZER_ENV}=DIR (and pip install transformers)") from None
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "fp32") -> LoadedModel:
@@ -219,5 +267,5 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
     if reason:
         raise AtlasError(f"{spec} is not supported: {reason}")
     model.eval()
-    tokenizer = open_clip.get_tokenizer(arch)
+    tokenizer = _tokenizer(arch, random_weights, model)
     return LoadedModel(model, preprocess, tokenizer, _info(spec, arch, tag or "", random_weights, model))

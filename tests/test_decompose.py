@@ -6,7 +6,7 @@ import torch
 
 from compute.errors import AtlasError
 from compute.maths.decompose import Decomposer, resolve_layers
-from compute.maths.trace import unsupported_reason
+from compute.maths.towers import unsupported_reason
 
 from .conftest import random_model
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from compute.maths.saliency import baseline_maps, rollout_matrix, trace_attention
 from compute.maths.segmetrics import SegmentationScores, average_precision
-from compute.maths.trace import Tower
+from compute.maths.towers import tower
 
 from .conftest import random_model
 
@@ -143,8 +143,8 @@ def test_gradcam_and_chefer_match_slow_reference(name):
     images = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64)
     texts = F.normalize(torch.randn(2, model.visual.output_dim, generator=g, dtype=torch.float64), dim=-1)
     with torch.no_grad():
-        assert torch.allclose(trace_attention(Tower(model), images).embedding, model.encode_image(images), atol=1e-10)
-    fast = baseline_maps(Tower(model), images, texts)
+        assert torch.allclose(trace_attention(tower(model), images).embedding, model.encode_image(images), atol=1e-10)
+    fast = baseline_maps(tower(model), images, texts)
     rows = slice(0, 1) if visual.pool_type == "tok" else slice(1, None)
     for b in range(2):
         emb, layers = slow_trace(visual, images[b:b + 1])

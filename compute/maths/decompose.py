@@ -1,20 +1,25 @@
-"""Direct-effect decomposition of an open_clip ViT image embedding.
+"""Direct-effect decomposition of a vision tower's image embedding.
 
-The image embedding is ln_post(r) @ proj with r the pooled residual stream,
-r = embed + sum_l (attn_l + mlp_l). LayerNorm's centering is linear and its
-scale 1/sigma is one number per pooled token, so with the readout matrix
+The embedding is the tower's readout of its last residual stream, and the stream at every token is a sum of
+writes, r = embed + sum_l (attn_l + mlp_l). With every statistic of the readout frozen at the values the
+forward computed (trace.py: LayerNorm scales, an attention pool's weights, its MLP's gates) the readout is affine
+in the stream:
 
-    P = diag(gamma) proj - (1/W) 1 (gamma @ proj)       (centering folded in)
+    out = post( sum_k (sum_t weights[k, t] r_t) @ A[k] @ B[k] ) + const
 
-every summand c of r contributes c @ P / (sigma * ||out||) to the L2-normalised
-embedding, and beta @ proj / ||out|| is one more constant term. Each attention
-output splits further over heads (and, on request, source tokens); folding the
-head's slice of W_O, LayerScale and P into one [head_dim, D] matrix makes a
-head's contribution a small matmul on the class-token row of the attention
-output, which the forward pass computes anyway.
+so each write c has one linear contribution Lin(c), the contributions and `const` sum exactly to the output, and
+dividing by ||out|| makes them add up to the L2-normalised embedding CLIP compares with text. For open_clip's
+class-token ViTs this is the familiar ln_post(r) @ proj: K = 1, weights = 1/sigma at the class token, A = P
+(gamma and centring folded into proj), no post, const = beta @ proj.
 
-Only direct effects are decomposed: a head's effect through later layers is
-attributed to those later layers, not to the head.
+Each attention output splits further over heads (and, on request, source tokens). A head writes z_h @ M_h at a
+token (W_O's slice, LayerScale and a sub-LN's gain and centring folded into M_h); folding M_h @ A[k] into one
+[head_dim, K, r] matrix makes a head's contribution a small matmul on the readout-weighted attention output
+sum_t weights[k, t] z_h[t], which the forward computes anyway. Per source token m, z_h[t] = sum_m a[t, m] v[m]:
+the readout-weighted attention rows sum_t weights[k, t] a[t, m] play the part of the class token's row.
+
+Only direct effects are decomposed: a head's effect through later layers is attributed to those later layers,
+not to the head.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch
 
 from compute.errors import AtlasError
 from compute.maths import trace
-from compute.maths.trace import Tower
+from compute.maths.towers import tower
 
 COMPONENT_KINDS = ("embed", "attn", "attn_bias", "mlp", "ln_bias")
 
@@ -38,12 +43,14 @@ class Decomposition:
     attn: torch.Tensor        # [B, L, D]  sum of the layer's heads (out-proj bias excluded)
     attn_bias: torch.Tensor   # [B, L, D]  the out-projection bias term
     mlp: torch.Tensor         # [B, L, D]
-    ln_bias: torch.Tensor     # [B, D]  ln_post's beta term
+    ln_bias: torch.Tensor     # [B, D]  the constant: norm betas, biases no write owns, an attention pool's query
     head_layers: list[int]
     heads: torch.Tensor       # [B, len(head_layers), H, D]
     token_layers: list[int]
     tokens: torch.Tensor | None  # [B, len(token_layers), H, N, D] per source token (N includes the class token);
                                  # [..., K] when projected on K token_directions
+    pool_mlp: torch.Tensor | None = None   # [B, D] the part of the contributions that runs through an attention
+                                           # pool's MLP with its gates frozen (None without a pool MLP)
 
     def components(self) -> torch.Tensor:
         """[B, K, D]: every component as one stack, in the order of `component_layout` (embed, then attn,
@@ -96,10 +103,10 @@ def resolve_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]
 
 
 class Decomposer:
-    """Reads one traced forward pass (`trace.Tower`) and returns a `Decomposition` per batch."""
+    """Reads one traced forward pass (a `trace.Tower`) and returns a `Decomposition` per batch."""
 
     def __init__(self, model: torch.nn.Module, head_layers: Iterable[int] = (), token_layers: Iterable[int] = ()):
-        self.tower = Tower(model)
+        self.tower = tower(model)
         self.n_layers = self.tower.n_layers
         self.head_layers = sorted(set(head_layers))
         self.token_layers = sorted(set(token_layers))
@@ -108,84 +115,94 @@ class Decomposer:
         self._fold()
         keep = {trace.Z_POOLED.format(i) for i in range(self.n_layers)}
         keep |= {trace.MLP_OUT_POOLED.format(i) for i in range(self.n_layers)}
+        keep |= {trace.SUB_SCALE.format(i) for i in range(self.n_layers)}
         keep |= {trace.PATTERN_POOLED.format(i) for i in self.token_layers}
         keep |= {trace.VALUES.format(i) for i in self.token_layers}
         self._keep = keep | {trace.EMBED, trace.RESID_FINAL}
 
     @torch.no_grad()
     def _fold(self) -> None:
-        t, fd = self.tower, self.fold_dtype
-        W = self.width
-        norm, proj = t.final_norm(), t.proj()
-        dev = next(t.visual.parameters()).device
-        ones = torch.ones(W, dtype=fd, device=dev)
-        gamma = norm.weight.to(fd) if norm.weight is not None else ones
-        proj = proj.to(fd) if proj is not None else torch.eye(W, dtype=fd, device=dev)
-        gp = gamma[:, None] * proj                                  # [W, D]
-        self.P = gp - gp.sum(0, keepdim=True) / W                   # centering folded in
-        self.beta_proj = (norm.bias.to(fd) @ proj) if norm.bias is not None else torch.zeros(proj.shape[1], dtype=fd, device=dev)
-        self.eps = norm.eps
-        H, hd = self.n_heads, self.head_dim
-        self.M, self.bias_dir = [], []
-        for layer in range(self.n_layers):
-            ls = t.attn_scale(layer)
-            ls = ls.to(fd) if ls is not None else ones
-            wo, b = t.out_proj(layer)                               # [W_out, W_in]
-            folded = (wo.to(fd).T * ls[None, :]) @ self.P           # [W_in, D]
-            self.M.append(folded.view(H, hd, -1))                   # [H, hd, D]
-            self.bias_dir.append((b.to(fd) * ls) @ self.P if b is not None else torch.zeros_like(self.beta_proj))
+        maps = self.tower.read_maps()
+        self.A, self.B = maps.A, maps.B                             # [K, W, r], [K, r, Dq] or None
+        self.writes = [self.tower.head_write(i) for i in range(self.n_layers)]
+        # head h's write read through channel k: [H, hd, K, r]
+        self.R = [torch.einsum("hdw,kwr->hdkr", w.matrix, self.A) for w in self.writes]
+        self.bias_dir = [torch.einsum("w,kwr->kr", w.bias, self.A) for w in self.writes]   # [K, r]
+        # the class-token fast path (K = 1, no second factor): the fold the neurons and old callers read
+        self.simple = self.A.shape[0] == 1 and self.B is None
+        if self.simple:
+            self.P = self.A[0]
+            self.M = [r[:, :, 0] for r in self.R]                   # [H, hd, D]
+
+    def _channels(self, y: torch.Tensor) -> torch.Tensor:
+        """[..., K, r] -> [..., Dq]: each channel's second factor, summed over channels."""
+        return y[..., 0, :] if self.B is None else torch.einsum("...kr,krq->...q", y, self.B)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, token_directions: torch.Tensor | None = None) -> Decomposition:
-        """Decompose a batch. With `token_directions` [D, K] (e.g. text embeddings), the per-token maps come back
-        already projected on them, [B, L_t, H, N, K]: the projection is folded into each head's readout matrix, so
-        a segmentation never builds the D-wide maps."""
+        """Decompose a batch. With `token_directions` [D, K'] (e.g. text embeddings), the per-token maps come back
+        already projected on them, [B, L_t, H, N, K']: the projection is folded into each head's readout matrix,
+        so a segmentation never builds the D-wide maps."""
         cache = self.tower.run(images, self._keep)
-        sl = cache.pooled
-        terms = [cache[trace.EMBED][:, sl]] + [cache[trace.MLP_OUT_POOLED.format(i)] for i in range(self.n_layers)]
-        z_sel = cache.layers(trace.Z_POOLED)
-        maps_in = {i: (cache[trace.PATTERN_POOLED.format(i)], cache[trace.VALUES.format(i)]) for i in self.token_layers}
         x = cache[trace.RESID_FINAL]
         # the readout runs in the fold dtype even under autocast
         with torch.autocast(x.device.type, enabled=False):
-            return self._readout(x, sl, terms, z_sel, maps_in, token_directions)
+            return self._readout(cache, token_directions)
 
-    def readout_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, n_pooled]: the weight of each pooled token's residual in the readout, pooling weight / sigma (the
-        L2 normalisation, / ||out||, comes on top)."""
-        sl = self.tower.pooled()
-        r = x[:, sl].mean(1, keepdim=True) if self.tower.norm_after_pool else x[:, sl]
-        sigma = torch.sqrt(r.to(self.fold_dtype).var(-1, unbiased=False) + self.eps)   # [B, 1] or [B, n]
-        n_pool = x[:, sl].shape[1]
-        return (1.0 / (n_pool * sigma)).expand(x.shape[0], n_pool)
+    def _readout(self, cache: trace.ActivationCache, token_directions: torch.Tensor | None) -> Decomposition:
+        fd, ro = self.fold_dtype, cache.readout
+        E = ro.weights.to(fd)                                       # [B, K, n]
+        post = ro.post if ro.steps else (lambda y: y)
 
-    def _readout(self, x, sl, terms, z_sel, maps_in, token_directions=None) -> Decomposition:
-        fd = self.fold_dtype
-        w = self.readout_weights(x)                                 # [B, n_pool]
-        embed, *mlp = [torch.einsum("bt,btw->bw", w, t.to(fd)) @ self.P for t in terms]
-        mlp = torch.stack(mlp, 1)                                   # [B, L, D]
-        heads = torch.stack([torch.einsum("bhk,hkd->bhd", torch.einsum("bt,bhtk->bhk", w, z_sel[i].to(fd)), self.M[i])
-                             for i in range(self.n_layers)], 1)     # [B, L, H, D]
-        # the out-projection bias is added at every pooled token, so it carries their total weight
-        bias = w.sum(1)[:, None, None] * torch.stack(self.bias_dir)[None]   # [B, L, D]
-        out = embed + mlp.sum(1) + heads.sum((1, 2)) + bias.sum(1) + self.beta_proj
+        def read(rows: torch.Tensor) -> torch.Tensor:               # [B, n, W] -> [B, Dq]
+            return self._channels(torch.einsum("bkw,kwr->bkr", torch.einsum("bkn,bnw->bkw", E, rows.to(fd)), self.A))
+
+        terms = [cache[trace.EMBED][:, cache.pooled]] + [cache[trace.MLP_OUT_POOLED.format(i)] for i in range(self.n_layers)]
+        embed, *mlp = [read(t) for t in terms]
+        mlp = torch.stack(mlp, 1)                                   # [B, L, Dq]
+        heads, bias = [], []
+        for i, w in enumerate(self.writes):
+            Ei = E * cache[trace.SUB_SCALE.format(i)].to(fd)[:, None] if w.scaled else E
+            zbar = torch.einsum("bkn,bhnd->bkhd", Ei, cache[trace.Z_POOLED.format(i)].to(fd))
+            heads.append(self._channels(torch.einsum("bkhd,hdkr->bhkr", zbar, self.R[i])))   # [B, H, Dq]
+            # the output bias is written at every read row, so it carries the rows' total weight per channel
+            bias.append(self._channels(E.sum(-1)[..., None] * self.bias_dir[i][None]))         # [B, Dq]
+        heads, bias = torch.stack(heads, 1), torch.stack(bias, 1)   # [B, L, H, Dq], [B, L, Dq]
+        pre_total = embed + mlp.sum(1) + heads.sum((1, 2)) + bias.sum(1)
+        embed, mlp, heads, bias = post(embed), post(mlp), post(heads), post(bias)
+        const = ro.const().to(fd)                                   # [B, D]
+        out = embed + mlp.sum(1) + heads.sum((1, 2)) + bias.sum(1) + const
         norm = out.norm(dim=-1, keepdim=True)                       # [B, 1]
+        pool_mlp = ro.mlp_branch(pre_total) / norm if ro.steps else None
         tokens = None
         if self.token_layers:
             dirs = None if token_directions is None else token_directions.to(device=out.device, dtype=fd)
-            tokens = torch.stack([self._token_maps(i, w / norm, *maps_in[i], dirs) for i in self.token_layers], 1)
+            tokens = torch.stack([self._token_maps(i, E, cache, ro, norm, dirs) for i in self.token_layers], 1)
         heads = heads / norm[:, None, None]
         return Decomposition(
             embedding=out / norm, embed=embed / norm, attn=heads.sum(2), attn_bias=bias / norm[:, None],
-            mlp=mlp / norm[:, None], ln_bias=self.beta_proj / norm, head_layers=self.head_layers,
-            heads=heads[:, self.head_layers], token_layers=self.token_layers, tokens=tokens,
+            mlp=mlp / norm[:, None], ln_bias=const / norm, head_layers=self.head_layers,
+            heads=heads[:, self.head_layers], token_layers=self.token_layers, tokens=tokens, pool_mlp=pool_mlp,
         )
 
-    def _token_maps(self, layer: int, w: torch.Tensor, probs: torch.Tensor, vals: torch.Tensor,
-                    directions: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, H, N, D] (or [B, H, N, K] projected on `directions`): each source token's contribution through each
-        head of `layer`."""
+    def _token_maps(self, layer: int, E: torch.Tensor, cache: trace.ActivationCache, ro: trace.Readout,
+                    norm: torch.Tensor, directions: torch.Tensor | None) -> torch.Tensor:
+        """[B, H, N, D] (or [B, H, N, K'] projected on `directions` [D, K']): each source token's contribution
+        through each head of `layer`."""
         fd = self.fold_dtype
-        eff = torch.einsum("bt,bhtm->bhm", w, probs.to(fd))          # readout-weighted attention to each token
-        M = self.M[layer] if directions is None else self.M[layer] @ directions
-        return torch.einsum("bhmk,hkd->bhmd", eff[..., None] * vals.to(fd), M)
+        probs, vals = cache[trace.PATTERN_POOLED.format(layer)].to(fd), cache[trace.VALUES.format(layer)].to(fd)
+        if self.writes[layer].scaled:
+            E = E * cache[trace.SUB_SCALE.format(layer)].to(fd)[:, None]
+        E = E / norm[:, :, None]
+        eff = torch.einsum("bkt,bhtm->bhkm", E, probs)             # readout-weighted attention to each token
+        if self.simple and not ro.steps:
+            M = self.M[layer] if directions is None else self.M[layer] @ directions
+            return torch.einsum("bhmk,hkd->bhmd", eff[:, :, 0, :, None] * vals, M)
+        # directions read back through the post steps and the channels' second factors, per image
+        B = vals.shape[0]
+        dirs = directions if directions is not None else torch.eye(ro.const().shape[-1], dtype=fd, device=vals.device)
+        back = ro.post_T(dirs.T[None].expand(B, -1, -1).contiguous()) if ro.steps else dirs.T[None].expand(B, -1, -1)
+        back = back.transpose(1, 2)                                 # [B, Dq, K']
+        F = back[:, None] if self.B is None else torch.einsum("krq,bqj->bkrj", self.B, back)   # [B, K, r, K']
+        per_token = torch.einsum("bhmd,hdkr->bhmkr", vals, self.R[layer])
+        return torch.einsum("bhkm,bhmkr,bkrj->bhmj", eff, per_token, F)

@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from compute.errors import AtlasError
 from compute.maths import trace as tr
 from compute.maths.decompose import Decomposer
-from compute.maths.trace import Tower, unsupported_reason
+from compute.maths.towers import tower, unsupported_reason
 
 
 def neuron_unsupported_reason(model: torch.nn.Module) -> str | None:
     """Why neuron effects cannot be computed for this model, or None (the head decomposition must fit too)."""
-    return unsupported_reason(model) or Tower(model).neuron_unsupported_reason()
+    return unsupported_reason(model) or tower(model).neuron_unsupported_reason()
 
 
 def default_neuron_layers(n_layers: int) -> list[int]:
@@ -79,8 +79,9 @@ def trace(dec: Decomposer, images: torch.Tensor, layers: tuple[int, ...]) -> Tra
     cache = dec.tower.run(images, keep)
     sl, x = cache.pooled, cache[tr.RESID_FINAL]
     with torch.autocast(x.device.type, enabled=False):
-        w = dec.readout_weights(x)                                  # [B, n_pool]
-        out = torch.einsum("bt,btw->bw", w, x[:, sl].to(fd)) @ dec.P + dec.beta_proj
+        ro = cache.readout
+        w = ro.weights[:, 0].to(fd)                                 # [B, n_pool]
+        out = torch.einsum("bt,btw->bw", w, x[:, sl].to(fd)) @ dec.P + ro.pre_const
         w = w / out.norm(dim=-1, keepdim=True)
         reads = {i: torch.einsum("bt,bhti->bhi", w, cache[tr.PATTERN_POOLED.format(i)].to(fd))
                  / cache[tr.LN1_SCALE.format(i)][:, None] for i in later}
