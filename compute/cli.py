@@ -58,10 +58,16 @@ def _eval_ablation(a: argparse.Namespace) -> None:
 
 
 def _models(a: argparse.Namespace) -> None:
-    from compute.models import REGISTRY
-    for name, (arch, tag) in REGISTRY.items():
-        print(f"{name:34s} {arch} {Path(tag).name if '/' in tag else tag}")
-    print("also: any open_clip ViT as NAME:TAG, NAME:/path/to/weights, NAME:random, local-dir:/path")
+    from compute.models import REGISTRY, family_of
+    from compute.maths.towers import FAMILIES
+    for name, (arch, _tag) in REGISTRY.items():
+        fam, why = family_of(arch)
+        print(f"{name:32s} {arch:24s} {fam:14s} {'decomposes' if why is None else 'refused: ' + why}")
+    print("\nfamilies (exact: the parts sum to the embedding to float round-off, with these statistics frozen):")
+    for fam, exact in FAMILIES.items():
+        print(f"  {fam:14s} {exact}")
+    print("refused: ResNet, ConvNeXt, FastViT/MobileCLIP towers, CoCa's attentional pooler (not a sum of token writes)")
+    print("also: any open_clip model as NAME:TAG, NAME:/path/to/weights, NAME:random, local-dir:/path")
 
 
 def _shapes_generate(a: argparse.Namespace) -> None:

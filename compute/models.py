@@ -111,7 +111,7 @@ class LoadedModel:
         layers = list(range(self.info.layers)) if layers is None else layers
         pixels = self.preprocess(image)[None].to(self.device)
         d = self.decomposer(token_layers=tuple(layers))(pixels)
-        return TokenMaps(layers, d.tokens[0], tuple(self.info.grid))
+        return TokenMaps(layers, d.tokens[0], tuple(self.info.grid), self.info.prefix_tokens)
 
     def drop_text_tower(self) -> None:
         """Free the text tower's weights (a third of a ViT-B CLIP's memory) in a model used for images only."""
@@ -132,6 +132,25 @@ class LoadedModel:
             tokens = self.tokenizer(texts[i:i + batch_size]).to(self.device)
             out.append(torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1))
         return torch.cat(out)
+
+
+def family_of(arch: str) -> tuple[str, str | None]:
+    """(tower family, why it is refused or None) of an open_clip architecture, from its config alone (no weights
+    are built: a registry listing must be instant)."""
+    register_configs()
+    cfg = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
+    name = cfg.get("timm_model_name")
+    if name is None:
+        if cfg.get("layers") is not None and not isinstance(cfg.get("layers"), int):
+            return "ResNet", "a ResNet tower (attention pooling over conv features)"
+        if cfg.get("attentional_pool"):
+            return "open_clip ViT", "an attentional pooler (CoCa-style)"
+        return "open_clip ViT", None
+    if name.startswith(("eva", "vit_pe")):
+        return "timm EVA", None
+    if name.startswith("vit"):
+        return "timm ViT", None
+    return f"timm {name.split('_')[0]}", "not a ViT tower: its features are not a sum of token writes"
 
 
 def register_configs() -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from compute.maths.decompose import Decomposer
+from compute.maths.saliency import baseline_maps, trace_attention
 from compute.maths.towers import tower, unsupported_reason
 
 FAMILIES = {"ViT-B-16-SigLIP": "map", "ViT-B-16-SigLIP2": "map", "EVA02-B-16": "tok", "PE-Core-B-16": "map"}
@@ -222,3 +223,23 @@ def test_pool_mlp_share_is_reported_for_attention_pools(family):
         assert d.pool_mlp is not None and torch.isfinite(d.pool_mlp).all() and d.pool_mlp.abs().sum() > 0
     else:
         assert d.pool_mlp is None
+
+
+def test_saliency_baselines_read_the_readouts_query(family):
+    """Class token towers read its row; attention-pool towers the pool's row (the attention map is the pool's
+    mean row over the patches, rollout's query row is a distribution over tokens)."""
+    name, model, _ = family
+    t = tower(model)
+    x = images(1)
+    traced = trace_attention(t, x)
+    assert close(traced.embedding, model.visual(x))
+    texts = torch.nn.functional.normalize(torch.randn(1, t.embed_dim, dtype=torch.float64), dim=-1)
+    maps = baseline_maps(t, x, texts)
+    for m, grid in maps.items():
+        assert grid.shape == (1, *t.grid) and torch.isfinite(grid).all(), (name, m)
+    assert (maps["gradcam"] >= 0).all() and (maps["chefer"] >= 0).all()
+    roll = maps["rollout"].sum()
+    assert 0 < roll <= 1 + 1e-9
+    if FAMILIES[name] == "map":
+        assert traced.pool is not None
+        assert close(maps["attention"].flatten(), traced.pool.mean(1)[0, t.prefix:])

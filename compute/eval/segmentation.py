@@ -145,7 +145,7 @@ def decomposition_maps(loaded: LoadedModel, pixels: torch.Tensor, directions: to
     clipped at zero: [B, gh, gw]."""
     uniq, inverse = torch.unique(directions, dim=0, return_inverse=True)
     d = loaded.decomposer(token_layers=tuple(layers))(pixels, token_directions=uniq.T)
-    per_token = d.tokens[:, :, :, 1:].sum((1, 2))                        # [B, N - 1, K]
+    per_token = d.tokens[:, :, :, loaded.info.prefix_tokens:].sum((1, 2))     # [B, patches, K]
     scores = per_token.gather(2, inverse.view(-1, 1, 1).expand(-1, per_token.shape[1], 1))[..., 0]
     return scores.clamp(min=0).reshape(-1, *loaded.info.grid)
 

@@ -65,7 +65,8 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
     fields = {"model": info.spec, "architecture": info.architecture, "tag": info.tag,
               "random_weights": info.random_weights, "layers": info.layers, "heads": info.heads,
               "width": info.width, "embed_dim": info.embed_dim, "patch_grid": list(info.grid),
-              "image_size": list(info.image_size), "pool_type": info.pool_type, "head_layers": head_layers,
+              "image_size": list(info.image_size), "pool_type": info.pool_type, "family": info.family,
+              "prefix_tokens": info.prefix_tokens, "head_layers": head_layers,
               "images_root": str(root.resolve()), "image_limit": cfg.limit, "versions": versions(),
               "component_kinds": ["embed", "attn", "attn_bias", "mlp", "ln_bias"], "store_dtype": cfg.store_dtype}
     if dist.rank == 0:
@@ -100,6 +101,8 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
                 chunk.embeddings.append(d.embedding.float().cpu().numpy())
                 chunk.components.append((d.components().float().cpu().numpy(), kinds, comp_layers))
                 chunk.heads.append(d.heads.float().cpu().numpy())
+                chunk.pool_mlp_share += ([None] * len(batch) if d.pool_mlp is None
+                                         else (d.pool_mlp * d.embedding).sum(-1).tolist())
             bar.update(len(batch) + len(skipped))
             if len(chunk) + len(chunk.skipped) >= chunk_size:
                 store.write_chunk(chunk, head_layers, dist.rank, cfg.store_dtype)

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 @dataclass
 class TokenMaps:
-    """One image's per-token contributions: [L_t, H, N, D] for `layers`; token 0 is the class token."""
+    """One image's per-token contributions: [L_t, H, N, D] for `layers`; the first `prefix` tokens (a class
+    token, registers) have no place in the image, the rest are the patch grid."""
     layers: list[int]
     tokens: torch.Tensor
     grid: tuple[int, int]
+    prefix: int = 1
 
 
 
@@ -45,7 +47,7 @@ def heatmap(maps: TokenMaps, text: torch.Tensor | np.ndarray, heads: list[tuple[
     tokens = select(maps, heads)
     if without:
         tokens = tokens - select(maps, without)
-    return _grid(maps, tokens[1:] @ t)         # drop the class token: it has no place in the image
+    return _grid(maps, tokens[maps.prefix:] @ t)     # a class token has no place in the image
 
 
 @dataclass
@@ -61,7 +63,7 @@ class HeadShare:
 
 def which_heads(maps: TokenMaps, text: torch.Tensor | np.ndarray, k: int | None = None) -> list[HeadShare]:
     """Every head's map for a text, ranked by its share of the total, largest first ("which head sees it")."""
-    per = _grid(maps, maps.tokens[:, :, 1:] @ _text(maps, text))          # [L_t, H, gh, gw]
+    per = _grid(maps, maps.tokens[:, :, maps.prefix:] @ _text(maps, text))    # [L_t, H, gh, gw]
     scores = per.reshape(*per.shape[:2], -1).astype(np.float64).sum(-1)
     total = float(np.abs(scores).sum()) or 1.0
     order = np.argsort(-scores, axis=None, kind="stable")[:k]

@@ -200,6 +200,7 @@ class TimmTower(Tower):
         inv = 1.0 / tr.sigma(rows, eps, fd) if isinstance(fnorm, nn.LayerNorm) else torch.ones(rows.shape[:2], dtype=fd, device=x.device)
         beta = fnorm.bias.to(fd) if isinstance(fnorm, nn.LayerNorm) and fnorm.bias is not None else torch.zeros(self.width, dtype=fd, device=x.device)
         steps: list[Step] = []
+        a = pool_out = None
         if self.pool is None:
             n = rows.shape[1]
             weights = (inv / n)[:, None]                            # [B, 1, n]
@@ -236,8 +237,9 @@ class TimmTower(Tower):
             pooled_out = o + ((u * gates) @ mlp.fc2.weight.to(fd).T + (mlp.fc2.bias.to(fd) if mlp.fc2.bias is not None else 0))
             if not isinstance(t.fc_norm, nn.Identity):
                 steps.append(self._norm_step(t.fc_norm, pooled_out))
+            pool_out = self._tail(pooled_out)
         steps += [LinearStep(lin.weight.to(fd), None if lin.bias is None else lin.bias.to(fd)) for lin in self.linears]
-        return Readout(weights, pooled_const, steps)
+        return Readout(weights, pooled_const, steps, a, pool_out)
 
     def _norm_step(self, norm: nn.Module, y: torch.Tensor) -> NormStep:
         """A LayerNorm (or Identity) at pooled vectors y [B, d], its scale frozen."""
@@ -324,7 +326,7 @@ class TimmTower(Tower):
         if wanted(tr.RESID_FINAL):
             with torch.autocast(out.device.type, enabled=False):
                 cache.readout = self.readout(cache[tr.RESID_FINAL])
+            if wanted(tr.POOL_PATTERN) and cache.readout.pool_pattern is not None:
+                cache[tr.POOL_PATTERN] = cache.readout.pool_pattern
         return cache
 
-    def saliency_unsupported_reason(self) -> str | None:
-        return f"the saliency baselines read a class token's attention row; {self.family} towers are not wired yet"

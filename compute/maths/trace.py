@@ -15,6 +15,7 @@ block, keeping only the activations it asks for. Names follow TransformerLens's 
     blocks.{l}.mlp.hook_post            [B, N, M]      the MLP's hidden activations (a neuron's activation)
     blocks.{l}.hook_mlp_out_pooled      [B, n, W]      the MLP's write (LayerScale included) at the read rows
     hook_resid_final                    [B, N, W]      residual stream after the last block
+    pool.hook_pattern                   [B, K, n]      an attention pool's weights over the read rows
     hook_image_embed                    [B, D]         the tower's output (encode_image, not normalised)
 
 Token 0 is the first token of the sequence (the class token when there is one). The read rows are the tokens
@@ -48,6 +49,7 @@ SUB_SCALE = "blocks.{}.attn.hook_sub_scale"
 MLP_POST = "blocks.{}.mlp.hook_post"
 MLP_OUT_POOLED = "blocks.{}.hook_mlp_out_pooled"
 RESID_FINAL = "hook_resid_final"
+POOL_PATTERN = "pool.hook_pattern"
 IMAGE_EMBED = "hook_image_embed"
 
 Keep = Collection[str] | Callable[[str], bool]
@@ -185,6 +187,9 @@ class Readout:
     weights: torch.Tensor          # [B, K, n]  each channel's weight on each read row
     pre_const: torch.Tensor        # [B, Dq]  what no residual write owns, before `steps`
     steps: list[Step] = field(default_factory=list)
+    pool_pattern: torch.Tensor | None = None   # [B, K, n] an attention pool's weights (before 1 / sigma)
+    pool_out: torch.Tensor | None = None       # [B, D] the output recomputed through those weights (differentiable
+                                               # in them: the gradient methods read the pool's attention)
 
     def post(self, y: torch.Tensor, bias: bool = False) -> torch.Tensor:
         """[B, ..., Dq] -> [B, ..., D] through the steps (their linear parts only unless `bias`)."""

@@ -71,6 +71,7 @@ class Chunk:
     embeddings: list[np.ndarray] = field(default_factory=list)     # [b, D] each
     components: list[tuple[np.ndarray, list[str], list[int | None]]] = field(default_factory=list)
     heads: list[np.ndarray] = field(default_factory=list)          # [b, Ls, H, D] each
+    pool_mlp_share: list[float | None] = field(default_factory=list)   # per image; None without a pool MLP
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -215,7 +216,8 @@ class RunStore:
             emb = np.concatenate(chunk.embeddings)
             write_table_atomic(pa.table({
                 "image_id": ids, "path": pa.array(chunk.paths, pa.string()),
-                "label": pa.array(chunk.labels, pa.string()), "embedding": vectors(emb)}),
+                "label": pa.array(chunk.labels, pa.string()), "embedding": vectors(emb),
+                "pool_mlp_share": pa.array(chunk.pool_mlp_share or [None] * len(chunk), pa.float32())}),
                 self.root / "images" / f"part-{key}.parquet")
             comp = np.concatenate([c[0] for c in chunk.components])           # [b, K, D]
             kinds, layers = chunk.components[0][1], chunk.components[0][2]
