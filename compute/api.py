@@ -48,7 +48,7 @@ from compute.maths.segment import contrastive, heatmap, which_heads
 from compute.models import LoadedModel, load_model
 from compute.runtime import pick_device
 from compute.store.layout import MANIFEST, RunStore
-from compute.store.query import RunInfo, Store, full_path
+from compute.store.query import RunInfo, Store, full_path, manifest_summary
 from compute.store.readers import iter_chunks
 from compute.texts import fill_template, zero_shot_template
 
@@ -123,6 +123,7 @@ class Comparison:
     metrics: pd.DataFrame       # metric, run, value (model-level metrics)
     properties: pd.DataFrame    # run, layer, head, property, confidence
     texts: pd.DataFrame         # run, layer, head, property, texts (list, TextSpan order)
+    models: pd.DataFrame | None = None   # one row per run: model, family, pool, images, layers x heads
 
     def heads_per_property(self) -> pd.DataFrame:
         """property x run: the number of heads labelled with it."""
@@ -137,6 +138,9 @@ class Comparison:
 def compare(store: str | Path | Store, runs: Sequence[str]) -> Comparison:
     """Runs of one store folder side by side: model-level metrics, property labels, and each labelled head's texts."""
     s = store if isinstance(store, Store) else Store(store)
+    twice = sorted({n for n in runs if list(runs).count(n) > 1})
+    if twice:
+        raise AtlasError(f"run {twice[0]} is named twice; compare different runs")
     infos = [s.run(name) for name in runs]
     for info in infos:
         if not info.ok:
@@ -151,7 +155,8 @@ def compare(store: str | Path | Store, runs: Sequence[str]) -> Comparison:
         for t in s.all_head_texts(i):
             texts.setdefault((t.layer, t.head), []).append(t.text)
         rows += [(i.name, r.layer, r.head, r.property, texts.get((r.layer, r.head), [])) for r in s.properties(i)]
-    return Comparison(list(runs), metrics, props, pd.DataFrame(rows, columns=["run", "layer", "head", "property", "texts"]))
+    return Comparison(list(runs), metrics, props, pd.DataFrame(rows, columns=["run", "layer", "head", "property", "texts"]),
+                      pd.DataFrame([manifest_summary(i) for i in infos]))
 
 
 @dataclass

@@ -431,9 +431,14 @@ class Store:
         return vector_column(table, "embedding")
 
 
+POOL_NAMES = {"tok": "class token", "avg": "average", "map": "attention pool"}
+
+
 def manifest_summary(run: RunInfo) -> dict:
     m = run.manifest or {}
-    return {"run": run.name, "model": m.get("model"), "random weights": m.get("random_weights"),
-            "images": m.get("image_count"), "status": m.get("status", "?") if run.ok else run.problem,
+    return {"run": run.name, "model": m.get("model"), "family": m.get("family", "open_clip ViT") if m else None,
+            "pool": POOL_NAMES.get(m.get("pool_type"), m.get("pool_type")) if m else None,
+            "random weights": m.get("random_weights"), "images": m.get("image_count"),
+            "status": m.get("status", "?") if run.ok else run.problem,
             "layers x heads": f"{m.get('layers')} x {m.get('heads')}" if m else None}
 

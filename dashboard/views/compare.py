@@ -21,6 +21,8 @@ with show_errors():
         st.info("Pick at least two runs.")
         st.stop()
     cmp = api.compare(s, chosen)
+    st.dataframe(cmp.models[["run", "model", "family", "pool", "layers x heads", "images"]], hide_index=True,
+                 width="stretch")
     st.subheader("Metrics")
     if cmp.metrics.empty:
         st.info("None of these runs has metrics yet: `clip-atlas metrics RUN`.")
