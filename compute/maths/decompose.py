@@ -168,21 +168,23 @@ class Decomposer:
             # the output bias is written at every read row, so it carries the rows' total weight per channel
             bias.append(self._channels(E.sum(-1)[..., None] * self.bias_dir[i][None]))         # [B, Dq]
         heads, bias = torch.stack(heads, 1), torch.stack(bias, 1)   # [B, L, H, Dq], [B, L, Dq]
-        pre_total = embed + mlp.sum(1) + heads.sum((1, 2)) + bias.sum(1)
-        embed, mlp, heads, bias = post(embed), post(mlp), post(heads), post(bias)
+        attn = heads.sum(2)
+        pre_total = embed + mlp.sum(1) + attn.sum(1) + bias.sum(1)
+        # post is linear: a layer's sum goes through it once, and only the stored layers' heads one by one
+        embed, mlp, attn, bias = post(embed), post(mlp), post(attn), post(bias)
+        heads = post(heads[:, self.head_layers])                    # [B, len(head_layers), H, D]
         const = ro.const().to(fd)                                   # [B, D]
-        out = embed + mlp.sum(1) + heads.sum((1, 2)) + bias.sum(1) + const
+        out = embed + mlp.sum(1) + attn.sum(1) + bias.sum(1) + const
         norm = out.norm(dim=-1, keepdim=True)                       # [B, 1]
         pool_mlp = ro.mlp_branch(pre_total) / norm if ro.steps else None
         tokens = None
         if self.token_layers:
             dirs = None if token_directions is None else token_directions.to(device=out.device, dtype=fd)
             tokens = torch.stack([self._token_maps(i, E, cache, ro, norm, dirs) for i in self.token_layers], 1)
-        heads = heads / norm[:, None, None]
         return Decomposition(
-            embedding=out / norm, embed=embed / norm, attn=heads.sum(2), attn_bias=bias / norm[:, None],
+            embedding=out / norm, embed=embed / norm, attn=attn / norm[:, None], attn_bias=bias / norm[:, None],
             mlp=mlp / norm[:, None], ln_bias=const / norm, head_layers=self.head_layers,
-            heads=heads[:, self.head_layers], token_layers=self.token_layers, tokens=tokens, pool_mlp=pool_mlp,
+            heads=heads / norm[:, None, None], token_layers=self.token_layers, tokens=tokens, pool_mlp=pool_mlp,
         )
 
     def _token_maps(self, layer: int, E: torch.Tensor, cache: trace.ActivationCache, ro: trace.Readout,
