@@ -6,6 +6,7 @@ tokenizer and a `ModelInfo` describing the vision tower the decomposition needs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import io
 import logging
@@ -181,6 +182,7 @@ def _quickgelu_arch(arch: str, tag: str | None, available: list[str]) -> tuple[s
     return arch, True
 
 
+@functools.lru_cache(maxsize=1)
 def _hub_reachable(timeout: float = 3.0) -> bool:
     try:
         host = urlparse(constants.ENDPOINT).hostname or ""
@@ -259,7 +261,9 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
         if pretrained not in tags:
             known = ", ".join(tags) or "none"
             raise AtlasError(f"unknown pretrained tag {pretrained!r} for {arch} (known: {known}; or pass a checkpoint path, or 'random')")
-    if pretrained is not None and not looks_like_path and not _hub_reachable():
+    hf_tokenizer = (open_clip.get_model_config(arch) or {}).get("text_cfg", {}).get("hf_tokenizer_name")
+    needs_hub = (pretrained is not None and not looks_like_path) or bool(hf_tokenizer)
+    if needs_hub and not _hub_reachable():
         # no network: let the hub client look in its local cache only, instead of retrying for a minute
         os.environ["HF_HUB_OFFLINE"] = "1"
         constants.HF_HUB_OFFLINE = True

@@ -127,7 +127,9 @@ class Decomposer:
         self.writes = [self.tower.head_write(i) for i in range(self.n_layers)]
         # head h's write read through channel k: [H, hd, K, r]
         self.R = [torch.einsum("hdw,kwr->hdkr", w.matrix, self.A) for w in self.writes]
-        self.bias_dir = [torch.einsum("w,kwr->kr", w.bias, self.A) for w in self.writes]   # [K, r]
+        self.R_all = torch.stack(self.R)                            # [L, H, hd, K, r]
+        self.bias_dir = torch.stack([torch.einsum("w,kwr->kr", w.bias, self.A) for w in self.writes])   # [L, K, r]
+        self.scaled = [i for i, w in enumerate(self.writes) if w.scaled]
         # the class-token fast path (K = 1, no second factor): the fold the neurons and old callers read
         self.simple = self.A.shape[0] == 1 and self.B is None
         if self.simple:
@@ -160,14 +162,20 @@ class Decomposer:
         terms = [cache[trace.EMBED][:, cache.pooled]] + [cache[trace.MLP_OUT_POOLED.format(i)] for i in range(self.n_layers)]
         embed, *mlp = [read(t) for t in terms]
         mlp = torch.stack(mlp, 1)                                   # [B, L, Dq]
-        heads, bias = [], []
-        for i, w in enumerate(self.writes):
-            Ei = E * cache[trace.SUB_SCALE.format(i)].to(fd)[:, None] if w.scaled else E
-            zbar = torch.einsum("bkn,bhnd->bkhd", Ei, cache[trace.Z_POOLED.format(i)].to(fd))
-            heads.append(self._channels(torch.einsum("bkhd,hdkr->bhkr", zbar, self.R[i])))   # [B, H, Dq]
-            # the output bias is written at every read row, so it carries the rows' total weight per channel
-            bias.append(self._channels(E.sum(-1)[..., None] * self.bias_dir[i][None]))         # [B, Dq]
-        heads, bias = torch.stack(heads, 1), torch.stack(bias, 1)   # [B, L, H, Dq], [B, L, Dq]
+        # every layer at once (one batched matmul, not one per layer): the heads' outputs at the read rows,
+        # concatenated over heads as the forward keeps them, weighted by each channel's readout weights
+        L, H, hd = self.n_layers, self.n_heads, self.head_dim
+        z = torch.stack([cache[trace.Z_POOLED.format(i)].transpose(1, 2).flatten(2) for i in range(L)], 1).to(fd)
+        El = E[:, None].expand(-1, L, -1, -1)                       # [B, L, K, n]
+        if self.scaled:                                             # a sub-LN divides each token's write by its sigma
+            s = torch.ones(E.shape[0], L, E.shape[-1], dtype=fd, device=E.device)
+            for i in self.scaled:
+                s[:, i] = cache[trace.SUB_SCALE.format(i)].to(fd)
+            El = El * s[:, :, None]
+        zbar = (El @ z).view(E.shape[0], L, E.shape[1], H, hd)     # [B, L, K, H, hd]
+        heads = self._channels(torch.einsum("blkhd,lhdkr->blhkr", zbar, self.R_all))    # [B, L, H, Dq]
+        # the output bias is written at every read row, so it carries the rows' total weight per channel
+        bias = self._channels(torch.einsum("bk,lkr->blkr", E.sum(-1), self.bias_dir))   # [B, L, Dq]
         attn = heads.sum(2)
         pre_total = embed + mlp.sum(1) + attn.sum(1) + bias.sum(1)
         # post is linear: a layer's sum goes through it once, and only the stored layers' heads one by one
