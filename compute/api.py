@@ -256,9 +256,10 @@ class Run:
         direction = self.store.head_direction(self.info, layer, head)
         top = bottom = self._hits([])
         if direction is not None:
-            top = self._hits(self.store.head_top_k(self.info, layer, head, direction, k=k))
-            bottom = self._hits(self.store.head_top_k(self.info, layer, head, -direction, k=k))
-            bottom["score"] = -bottom["score"]
+            # along the head's first TextSpan direction: ranked by projection (how far an image goes along it)
+            top = self._hits(self.store.head_top_k(self.info, layer, head, direction, k=k, by="dot"))
+            bottom = self._hits(self.store.head_top_k(self.info, layer, head, -direction, k=k, by="dot"))
+            bottom["score"], bottom["cosine"] = -bottom["score"], -bottom["cosine"]
         return HeadView(layer, head, label[0], label[1], texts, top, bottom)
 
     # ---- neighbours

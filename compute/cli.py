@@ -192,7 +192,7 @@ def _leaderboard(a: argparse.Namespace) -> None:
 def _demo(a: argparse.Namespace) -> None:
     from compute.demo import run_demo
     _check_out(a.store, "folder")
-    run_demo(store=a.store, n=a.n, serve=not a.no_serve, port=a.port)
+    run_demo(store=a.store, n=a.n, serve=not a.no_serve, port=a.port, address=a.address)
 
 
 def _shapes_card(a: argparse.Namespace) -> None:
@@ -295,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = _command(sub, "demo", "the offline default: Shapes data, store, labels, metrics, dashboard", _demo)
     d.add_argument("--store", default=DEFAULT_STORE)
     d.add_argument("--n", type=POSITIVE, default=2000)
-    d.add_argument("--port", type=int, default=8501)
+    d.add_argument("--port", type=POSITIVE, default=8501)
+    d.add_argument("--address", default="localhost", help="where the dashboard listens (default localhost; "
+                   "0.0.0.0 shares it on your network: it has no login)")
     d.add_argument("--no-serve", action="store_true", help="build the store only")
 
     ev = sub.add_parser("eval", help="the papers' experiments: zero-shot segmentation, head ablation")

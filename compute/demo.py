@@ -1,10 +1,12 @@
 """`clip-atlas demo`: the offline default, end to end on the Shapes organism."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from compute.errors import AtlasError
 from compute.shapes.pipeline import build_shapes_store
 
 DEMO_RUN = "shapes-demo"
@@ -17,11 +19,27 @@ def build_demo_store(store: str | Path = "artifacts", n: int = 2000, progress: b
     return build_shapes_store(store / DEMO_DATA, store / DEMO_RUN, n, seed=0, progress=progress)
 
 
-def run_demo(store: str = "artifacts", n: int = 2000, serve: bool = True, port: int = 8501) -> None:
+def port_free(port: int, address: str = "localhost") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def run_demo(store: str = "artifacts", n: int = 2000, serve: bool = True, port: int = 8501,
+             address: str = "localhost") -> None:
+    """Build the demo store, then serve the dashboard on `address` (localhost unless asked: the app has no login
+    and accepts uploads) at `port`; a port already in use is an AtlasError before any work."""
+    if serve and not port_free(port, address):
+        raise AtlasError(f"port {port} is in use (another dashboard?): pass --port with a free one")
     run = build_demo_store(store, n)
     print(f"store ready: {run}")
     if serve:
         app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
-        print(f"dashboard: http://localhost:{port}  (Ctrl-C to stop)")
-        subprocess.run([sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
-                        "--", "--store", str(Path(store).resolve())], check=False)
+        print(f"dashboard: http://{address}:{port}  (Ctrl-C to stop)")
+        r = subprocess.run([sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+                            "--server.address", address, "--", "--store", str(Path(store).resolve())], check=False)
+        if r.returncode not in (0, -2, 130):
+            raise AtlasError(f"the dashboard stopped with exit status {r.returncode}")

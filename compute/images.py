@@ -85,7 +85,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, draft_size: int |
                 # decode JPEGs at reduced scale when they are far larger than the model needs
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
-            return fit_aspect(img.convert("RGB"))
+            return fit_aspect(to_rgb8(img))
     except BadImage:
         raise
     except UnidentifiedImageError:
@@ -94,6 +94,21 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS, draft_size: int |
         raise BadImage(type(e).__name__ if not str(e) else str(e).splitlines()[0][:200]) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"unreadable: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel, scaled from the image's own bit depth: Pillow's convert() clips 16-bit and
+    32-bit grey (modes I;16, I) at 255, which turns a 16-bit PNG white, and float images (mode F) too."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+        else:                      # 16-bit grey (PNG, TIFF): 0..65535; 32-bit integer grey beyond that
+            top = 65535.0 if img.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
+            top = max(top, float(a.max()) if a.size else top)
+        grey = np.clip(np.nan_to_num(a) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return img.convert("RGB")
 
 
 def fit_aspect(img: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:

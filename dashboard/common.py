@@ -37,6 +37,7 @@ def store(root: str) -> Store:
 
 
 def current_store() -> Store:
+    new_page_run()
     return store(str(store_root()))
 
 
@@ -63,11 +64,29 @@ def show_hits(s: Store, run: RunInfo, hits, score_name: str = "dot product", nam
 def download_csv(df, name: str) -> None:
     """A download button for a result table, as `name`.csv."""
     st.download_button(f"Download {name} (CSV)", df.to_csv(index=False).encode(), f"{slug(name)}.csv", "text/csv",
-                       key=f"dl_{slug(name)}", icon=":material/download:")
+                       key=unique_key("dl", name), icon=":material/download:")
 
 
 def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")[:80] or "download"
+
+
+_KEYS: dict[str, int] = {}
+
+
+def new_page_run() -> None:
+    """Every page run starts here (start_page, current_store): widget keys count from zero again."""
+    _KEYS.clear()
+
+
+def unique_key(kind: str, name: str) -> str:
+    """A widget key unique in this page run by construction: two captions that slug alike (the same text twice,
+    texts differing in case or punctuation, long texts sharing their first 80 characters) get -1, -2, ...; the
+    same widget keeps its key from run to run, so its state survives."""
+    base = f"{kind}_{slug(name)}"
+    n = _KEYS.get(base, 0)
+    _KEYS[base] = n + 1
+    return base if n == 0 else f"{base}-{n}"
 
 
 def score_caption(score: float, cosine: float | None = None, score_name: str = "dot product") -> tuple[str, str]:
@@ -326,7 +345,7 @@ def download_png(image: Image.Image, what: str, name: str) -> None:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     st.download_button(f"Download {what} (PNG)", buf.getvalue(), f"{slug(name)}.png", "image/png",
-                       key=f"dl_png_{slug(name)}", icon=":material/download:")
+                       key=unique_key("dl_png", name), icon=":material/download:")
 
 
 def show_which_heads(image: Image.Image, shares: list, alpha: float, name: str) -> None:
@@ -337,7 +356,7 @@ def show_which_heads(image: Image.Image, shares: list, alpha: float, name: str) 
     shown = shares[:k]
     if not shown:
         return
-    own = st.toggle("Each map on its own scale", key=f"own_{slug(name)}",
+    own = st.toggle("Each map on its own scale", key=unique_key("own", name),
                     help="Off: one colour scale for every map, so their strengths compare. On: each map's own "
                          "range, so weak heads' patterns show; the caption gives it.")
     ranges = [symmetric_range(h.heat) for h in shown] if own else [symmetric_range(*[h.heat for h in shown])] * len(shown)

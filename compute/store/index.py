@@ -73,16 +73,22 @@ def open_head_index(store: RunStore, layer: int, head: int) -> tuple[np.ndarray,
         return None
 
 
-def top_k(ids: np.ndarray, M: np.ndarray, query: np.ndarray, k: int,
-          exclude: int | None = None) -> list[tuple[int, float, float]]:
-    """Exact top-k by dot product over all rows of M (in memory or memory-mapped), scored block by block:
-    (image_id, dot product, cosine) per hit. The cosine is the readable score (contributions are small vectors,
-    so their dot products are small numbers); the ranking is the dot product's, as in the papers."""
+def top_k(ids: np.ndarray, M: np.ndarray, query: np.ndarray, k: int, exclude: int | None = None,
+          by: str = "cosine") -> list[tuple[int, float, float]]:
+    """Exact top-k over all rows of M (in memory or memory-mapped), scored block by block: (image_id, dot product,
+    cosine) per hit, ranked by the cosine (neighbours: which images the head sends the same way, whatever their
+    contribution's size; the raw dot product let a few large contributions win every query) or, with
+    by="dot", by the dot product (projection on a unit direction: the images that go furthest along it)."""
     q = np.asarray(query, np.float32).reshape(-1)
     n = len(ids)
     scores = np.empty(n, np.float32)
+    qn = float(np.linalg.norm(q)) or 1.0
     for i in range(0, n, BLOCK_ROWS):
-        np.dot(M[i:i + BLOCK_ROWS], q, out=scores[i:i + BLOCK_ROWS])
+        block = M[i:i + BLOCK_ROWS]
+        np.dot(block, q, out=scores[i:i + BLOCK_ROWS])
+        if by == "cosine":
+            norms = np.linalg.norm(np.asarray(block, np.float32), axis=1) * qn
+            scores[i:i + BLOCK_ROWS] /= np.where(norms > 0, norms, np.inf)
     dropped = 0
     if exclude is not None:
         hit = np.asarray(ids) == exclude
@@ -93,8 +99,9 @@ def top_k(ids: np.ndarray, M: np.ndarray, query: np.ndarray, k: int,
         return []
     top = np.argpartition(scores, n - k)[n - k:]      # in place of a negated copy: one pass fewer over N
     top = top[np.argsort(-scores[top], kind="stable")]
-    qn = float(np.linalg.norm(q)) or 1.0
     rows = np.sort(top)                                # ascending reads from a memory map
-    norm_of = dict(zip(rows.tolist(), np.linalg.norm(np.asarray(M[rows], np.float32), axis=1).tolist()))
-    return [(int(ids[i]), float(scores[i]), float(scores[i] / (qn * norm_of[int(i)])) if norm_of[int(i)] else 0.0)
-            for i in top]
+    R = np.asarray(M[rows], np.float32)
+    dot_of = dict(zip(rows.tolist(), (R @ q).tolist()))
+    norm_of = dict(zip(rows.tolist(), np.linalg.norm(R, axis=1).tolist()))
+    return [(int(ids[i]), float(dot_of[int(i)]),
+             float(dot_of[int(i)] / (qn * norm_of[int(i)])) if norm_of[int(i)] else 0.0) for i in top]

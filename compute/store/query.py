@@ -268,14 +268,15 @@ class Store:
         return {(int(l), int(h)): np.asarray(c, np.float32) for l, h, c in rows}
 
     def head_top_k(self, run: RunInfo, layer: int, head: int, query: np.ndarray, k: int = 8,
-                   exclude: int | None = None) -> list[tuple[int, float]]:
-        """Exact top-k images by dot product with one head's contributions: from the head's memory-mapped index
-        when `clip-atlas index` built a current one (no re-read, any N), else from Parquet through DuckDB (LRU)."""
+                   exclude: int | None = None, by: str = "cosine") -> list[tuple[int, float, float]]:
+        """Exact top-k images by cosine (or dot product) with one head's contributions, (image_id, dot, cosine):
+        from the head's memory-mapped index when `clip-atlas index` built a current one (no re-read, any N), else
+        from Parquet through DuckDB (LRU)."""
         index = open_head_index(RunStore(run.path), layer, head)
         if index is None:
             index = self._matrix(run.layout.heads_glob(layer, head),
                                  "contribution")
-        return top_k(*index, query, k, exclude)
+        return top_k(*index, query, k, exclude, by)
 
     def property_top_k(self, run: RunInfo, prop: str, query: np.ndarray, k: int = 4,
                        exclude: int | None = None) -> list[tuple[int, float]]:
@@ -283,11 +284,12 @@ class Store:
         return top_k(ids, M, query, k, exclude)
 
     def head_top_k_sql(self, run: RunInfo, layer: int, head: int, query: np.ndarray, k: int = 8) -> list[tuple[int, float]]:
-        """The same query answered by DuckDB from the Parquet files each time (the cold path; for benchmarks)."""
+        """The same query (ranked by cosine; (image_id, dot) per hit) answered by DuckDB from the Parquet files each
+        time (the cold path; for benchmarks)."""
         return self.sql("""
             SELECT image_id, list_dot_product(contribution, ?::FLOAT[]) AS score
-            FROM read_parquet(?) ORDER BY score DESC LIMIT ?""",
-            [np.asarray(query, np.float32).tolist(),
+            FROM read_parquet(?) ORDER BY list_cosine_similarity(contribution, ?::FLOAT[]) DESC LIMIT ?""",
+            [np.asarray(query, np.float32).tolist(), np.asarray(query, np.float32).tolist(),
              run.layout.heads_glob(layer, head), k])
 
     # ---- TextSpan, properties, metrics
