@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import os
 import sys
 from dataclasses import dataclass
@@ -71,6 +72,17 @@ def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")[:80] or "download"
 
 
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|$<>~:])")
+
+
+def plain(text: object, limit: int = 200) -> str:
+    """A user's text (a query, a label, a template, a run's name) made safe to show inside markdown: every
+    markdown, LaTeX and HTML character escaped, so it shows as typed, and cut to `limit` characters."""
+    text = str(text)
+    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    return _MARKDOWN.sub(r"\\\1", text)
+
+
 _KEYS: dict[str, int] = {}
 
 
@@ -128,7 +140,7 @@ def usable_runs(s: Store) -> list[RunInfo]:
     runs = s.runs()
     for r in runs:
         if not r.ok:
-            st.warning(f"Run **{r.name}** is skipped: {r.problem}")
+            st.warning(f"Run **{plain(r.name)}** is skipped: {plain(r.problem)}")
     return [r for r in runs if r.ok]
 
 
@@ -239,7 +251,7 @@ def gallery_grid(s: Store, run: RunInfo, key: str) -> int | None:
                 if st.button(lab or Path(path).name, key=f"{key}_pick_{image_id}", help=path,
                              type="primary" if image_id == picked else "secondary"):
                     picked = image_id
-        st.caption(f"{total} images" + (f" with label {label}" if label else "") +
+        st.caption(f"{total} images" + (f" with label {plain(label)}" if label else "") +
                    (f" matching “{search.strip()}”" if search.strip() else ""))
     if picked is None:
         first = s.gallery(run, limit=1)
@@ -254,7 +266,7 @@ def show_errors():
     try:
         yield
     except AtlasError as e:
-        st.error(str(e))
+        st.error(plain(e, 300))
     except (OSError, ValueError) as e:
         st.error(f"Could not complete this: {type(e).__name__}: {str(e)[:200]}")
 

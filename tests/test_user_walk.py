@@ -96,3 +96,30 @@ def test_a_busy_port_is_an_error_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"port {port} is in use" in err and "--port" in err
     assert not (tmp_path / "store").exists()
+
+
+def test_user_text_shows_as_typed(store):  # noqa: F811
+    """Markdown in a user's text rendered (a live link, LaTeX); a plain $ or _ was mangled."""
+    from dashboard.common import plain
+    assert plain("[x](http://e.com) $a_b$") == r"\[x\]\(http\://e\.com\) \$a\_b\$"
+    at = app(store, "views/text_neighbours.py", text="[click](http://e.com) $x$ snake_case")
+    assert not at.exception
+    heads = [h.value for h in at.subheader]
+    assert any(r"\[click\]\(http\://e\.com\) \$x\$ snake\_case" in h for h in heads), heads
+
+
+def test_a_huge_template_is_refused_in_one_short_line(store):  # noqa: F811
+    at = app(store, "views/intervene.py", tpl="{} {}" + "x" * 10_000)
+    assert not at.exception
+    assert at.error and all(len(e.value) < 400 for e in at.error)
+
+
+def test_compare_with_a_run_named_twice_is_a_message(store):  # noqa: F811
+    from compute import api
+    from compute.errors import AtlasError
+    name = [r.name for r in api.Store(store).runs() if r.ok][0] if hasattr(api, "Store") else None
+    if name:
+        with pytest.raises(AtlasError, match="named twice"):
+            api.compare(store, [name, name])
+    at = app(store, "views/compare.py", runs=f"{name},{name}")
+    assert not at.exception

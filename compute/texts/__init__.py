@@ -27,7 +27,8 @@ def fill_template(template: str, labels: list[str]) -> list[str]:
     except ValueError:
         fields = None
     if fields != [("", "", None)]:
-        raise AtlasError(f"the prompt template {template!r} needs a {{}} where the label goes, and no other "
+        shown = template if len(template) <= 60 else template[:57] + "..."
+        raise AtlasError(f"the prompt template {shown!r} needs a {{}} where the label goes, and no other "
                          "braces (write {{ or }} for a literal one)")
     return [template.format(label) for label in labels]
 

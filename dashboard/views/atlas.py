@@ -3,7 +3,7 @@ import streamlit as st
 
 from compute.headnames import head_name
 from dashboard import charts
-from dashboard.common import pick_head, show_errors, start_page
+from dashboard.common import pick_head, show_errors, start_page, plain
 
 s, run = start_page("Head atlas")
 with show_errors():
@@ -25,7 +25,7 @@ with show_errors():
     layer, head = pick_head(run)
     label = {(r.layer, r.head): r for r in props}.get((layer, head))
     texts = s.head_texts(run, layer, head)
-    st.markdown(f"**{head_name(layer, head)}** · " + (f"property: {label.property} ({label.confidence:.0%})" if label else "no property")
+    st.markdown(f"**{head_name(layer, head)}** · " + (f"property: {plain(label.property)} ({label.confidence:.0%})" if label else "no property")
                 + (f" · “{texts[0].text}”" if texts else ""))
     st.page_link("views/head.py", label=f"Open head {head_name(layer, head)}", icon=":material/open_in_new:",
                  query_params={"run": run.name, "layer": layer, "head": head})

@@ -4,7 +4,7 @@ import streamlit as st
 from compute import api
 from compute.headnames import head_name
 from dashboard import charts
-from dashboard.common import current_store, param, set_params, show_errors, usable_runs
+from dashboard.common import current_store, param, set_params, show_errors, usable_runs, plain
 
 st.title("Compare models")
 s = current_store()
@@ -14,7 +14,7 @@ with show_errors():
         st.info(f"Comparing needs two complete runs in `{s.root}`; this store has {len(names)}. "
                 "`clip-atlas compute --model ... --out artifacts/RUN` adds one.")
         st.stop()
-    wanted = [n for n in (param("runs", "") or "").split(",") if n in names] or names[:2]
+    wanted = list(dict.fromkeys(n for n in (param("runs", "") or "").split(",") if n in names)) or names[:2]
     chosen = st.multiselect("Runs", names, default=wanted, key="runs")
     set_params(runs=",".join(chosen) or None)
     if len(chosen) < 2:
@@ -52,11 +52,11 @@ with show_errors():
     prop = st.selectbox("Property", props, index=props.index(prop) if prop in props else 0, key="prop")
     set_params(prop=prop)
     heads = cmp.property_heads(prop)
-    st.subheader(f"Heads labelled “{prop}” and their texts")
+    st.subheader(f"Heads labelled “{plain(prop)}” and their texts")
     cols = st.columns(len(chosen))
     for col, name in zip(cols, chosen):
         with col:
-            st.markdown(f"**{name}**")
+            st.markdown(f"**{plain(name)}**")
             mine = heads[heads.run == name]
             if mine.empty:
                 st.caption("no head")

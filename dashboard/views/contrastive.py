@@ -6,7 +6,7 @@ from compute.maths.segment import contrastive, which_heads
 from compute.render import symmetric_range
 from dashboard import live
 from dashboard.common import (live_map_controls, param, pick_image, set_params, show_errors, show_heatmap, show_image,
-                              show_which_heads, start_page)
+                              show_which_heads, start_page, plain)
 
 s, run = start_page("Contrastive segmentation")
 with show_errors():
@@ -29,5 +29,5 @@ with show_errors():
             show_heatmap(img.image, a_minus_b, vmin, vmax, f"“{text_a}” − “{text_b}”", alpha)
         with cols[2]:
             show_heatmap(img.image, b_minus_a, vmin, vmax, f"“{text_b}” − “{text_a}”", alpha)
-        st.subheader(f"Which head sees “{text_a}” rather than “{text_b}”")
+        st.subheader(f"Which head sees “{plain(text_a)}” rather than “{plain(text_b)}”")
         show_which_heads(img.image, which_heads(maps, t_a - t_b), alpha, f"head shares for {text_a} vs {text_b}")

@@ -5,7 +5,7 @@ from compute.headnames import head_name
 from compute.render import symmetric_range
 from dashboard import charts
 from dashboard.common import (api_run, download_csv, param, pick_head, pick_image, pick_opacity, set_params,
-                              show_errors, show_heatmap, show_hits, start_page)
+                              show_errors, show_heatmap, show_hits, start_page, plain)
 
 s, run = start_page("Head")
 api = api_run(s, run)
@@ -28,7 +28,7 @@ with show_errors():
         first = view.texts.text.iloc[0]
         a, b = st.columns(2)
         with a:
-            st.markdown(f"**Furthest along “{first}”**")
+            st.markdown(f"**Furthest along “{plain(first)}”**")
             show_hits(s, run, view.top, score_name="projection on the direction", name=f"{head_name(layer, head)} top images")
         with b:
             st.markdown("**Furthest against it**")

@@ -9,7 +9,7 @@ from compute.render import symmetric_range
 from compute.texts import zero_shot_template
 from dashboard import charts, live
 from dashboard.common import (api_run, download_csv, intervention, param, pick_image, pick_opacity, set_params,
-                              show_errors, show_heatmap, show_image, start_page)
+                              show_errors, show_heatmap, show_image, start_page, plain)
 
 MAX_LABELS = 16      # labels charted (the largest changes); the CSV has them all
 
@@ -26,7 +26,7 @@ with show_errors():
         prop = st.selectbox("Property", props, index=props.index(wanted) if wanted in props else 0, key="iprop")
         heads = sorted(s.heads_with_property(run, prop))
         set_params(ablate=prop)
-        st.caption(f"{len(heads)} heads labelled {prop}: " + ", ".join(head_name(l, h) for l, h in heads))
+        st.caption(f"{len(heads)} heads labelled {plain(prop)}: " + ", ".join(head_name(l, h) for l, h in heads))
     else:
         default = []
         for x in wanted.split(","):        # older links spell heads 5.1: read them, show them as L5.H1
@@ -72,7 +72,7 @@ with show_errors():
         c1, c2 = st.columns([1, 2])
         with c1:
             show_image(img.image, img.caption)
-            st.markdown(f"Predicted **{before}** as is, **{after}** ablated.")
+            st.markdown(f"Predicted **{plain(before)}** as is, **{plain(after)}** ablated.")
         with c2:
             st.altair_chart(charts.paired_bars(top, "class", "base", "ablated", "image · prompt",
                                                title="Its class scores (top 8)"), width="stretch")

@@ -5,7 +5,7 @@ from compute.headnames import head_name
 from compute.render import symmetric_range
 from dashboard import charts
 from dashboard.common import (api_run, download_csv, param, pick_image, pick_opacity, set_params, show_errors,
-                              show_heatmap, show_hits, show_image, start_page)
+                              show_heatmap, show_hits, show_image, start_page, plain)
 
 ORDERS = {"mean_norm": "mean effect", "max_norm": "largest effect", "direction_share": "one-direction share",
           "text_share": "described by its texts", "neuron": "neuron index"}
@@ -14,7 +14,7 @@ s, run = start_page("Neurons")
 api = api_run(s, run)
 layers = s.neuron_layers(run)
 if not layers:
-    st.info(f"**{run.name}** has no neuron tables yet: run `clip-atlas neurons {run.path}` (about a forward pass "
+    st.info(f"**{plain(run.name)}** has no neuron tables yet: run `clip-atlas neurons {run.path}` (about a forward pass "
             "over the run's images).")
     st.stop()
 with show_errors():
@@ -28,7 +28,7 @@ with show_errors():
     set_params(nlayer=layer, order=order, q=query or None)
     if query.strip():
         table = api.search_neurons(query, k=20, layer=layer)
-        st.caption(f"Neurons of layer {layer} whose effect direction is closest to “{query.strip()}” (cosine).")
+        st.caption(f"Neurons of layer {layer} whose effect direction is closest to “{plain(query.strip())}” (cosine).")
     else:
         table = api.neurons(layer, order=order, limit=200)
     table = table.assign(texts=table["texts"].map(" · ".join),

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from compute.api import clean_text
-from dashboard.common import api_run, param, param_in, pick_head, set_params, show_errors, show_hits, start_page
+from dashboard.common import api_run, param, param_in, pick_head, set_params, show_errors, show_hits, start_page, plain
 
 s, run = start_page("Text neighbours")
 with show_errors():
@@ -21,5 +21,5 @@ with show_errors():
     set_params(text=text or None, k=k)
     text = clean_text(text)
     hits = api_run(s, run).text_neighbours(text, layer, head, k=k)
-    st.subheader(f"Top {k} for “{text}” through layer {layer}, head {head}")
+    st.subheader(f"Top {k} for “{plain(text)}” through layer {layer}, head {head}")
     show_hits(s, run, hits)

@@ -7,7 +7,7 @@ from compute.maths.segment import heatmap, which_heads
 from compute.render import symmetric_range
 from dashboard import live
 from dashboard.common import (live_map_controls, param, pick_image, set_params, show_errors, show_heatmap, show_image,
-                              show_which_heads, start_page)
+                              show_which_heads, start_page, plain)
 
 s, run = start_page("Topic segmentation")
 with show_errors():
@@ -27,6 +27,6 @@ with show_errors():
             show_heatmap(img.image, heat, *symmetric_range(heat),
                          f"“{text}”, {'all heads' if heads is None else head_name(*heads[0])}", alpha)
         st.subheader("Which head sees it")
-        st.caption(f"Every head's map for “{text}”, ranked by its share of the total: the head's sum over patches "
+        st.caption(f"Every head's map for “{plain(text)}”, ranked by its share of the total: the head's sum over patches "
                    "divided by the sum of all heads' absolute sums.")
         show_which_heads(img.image, which_heads(maps, t), alpha, f"head shares for {text}")
