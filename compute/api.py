@@ -417,12 +417,17 @@ class Run:
         return contrastive(maps, t[0], t[1], heads)[0]
 
     # ---- neurons (`clip-atlas neurons`)
-    def neurons(self, layer: int | None = None, order: str = "mean_norm", limit: int = 50) -> pd.DataFrame:
+    def neurons(self, layer: int | None = None, order: str = "mean_norm", limit: int = 50,
+                offset: int = 0) -> pd.DataFrame:
         """The neurons of one MLP layer (the first with a table when None), sorted by `order`: mean_norm,
-        max_norm, direction_share, text_share or neuron."""
-        checks.not_negative(limit=limit)
+        max_norm, direction_share, text_share or neuron; `offset` rows skipped (paging)."""
+        checks.not_negative(limit=limit, offset=offset)
         layer = self._neuron_layer(layer)
-        return pd.DataFrame(self.store.neurons(self.info, layer, order, limit), columns=list(self.store.NEURON_COLUMNS))
+        return pd.DataFrame(self.store.neurons(self.info, layer, order, limit, offset),
+                            columns=list(self.store.NEURON_COLUMNS))
+
+    def neuron_count(self, layer: int) -> int:
+        return self.store.neuron_count(self.info, self._neuron_layer(layer))
 
     def neuron(self, layer: int, neuron: int) -> NeuronView:
         rows = self.store.neurons(self.info, self._neuron_layer(layer), ids=[int(neuron)], limit=1)

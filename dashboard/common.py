@@ -364,13 +364,16 @@ def show_which_heads(image: Image.Image, shares: list, alpha: float, name: str) 
     """Small multiples of the first k head maps (maths.segment.HeadShare, ranked; k from a slider) on one shared
     scale, each captioned with its share of the total, and a CSV of every head's score and share."""
 
-    k = st.slider("Heads shown", 1, max(1, len(shares)), min(8, len(shares)), key="which_k")
+    top = max(1, len(shares))
+    k = st.slider("Heads shown", 1, top, param_in("shown", min(8, top), 1, top), key="which_k")
+    set_params(shown=k if k != min(8, top) else None)
     shown = shares[:k]
     if not shown:
         return
-    own = st.toggle("Each map on its own scale", key=unique_key("own", name),
+    own = st.toggle("Each map on its own scale", value=param("own", "0") == "1", key=unique_key("own", name),
                     help="Off: one colour scale for every map, so their strengths compare. On: each map's own "
                          "range, so weak heads' patterns show; the caption gives it.")
+    set_params(own="1" if own else None)
     ranges = [symmetric_range(h.heat) for h in shown] if own else [symmetric_range(*[h.heat for h in shown])] * len(shown)
     tiles = [enlarged(overlay(image, h.heat, lo, hi, alpha), 128) for h, (lo, hi) in zip(shown, ranges)]
     captions = [f"{head_name(h.layer, h.head)} · {h.share:+.1%}" + (f" · ±{hi:.3g}" if own else "")

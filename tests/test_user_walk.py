@@ -123,3 +123,39 @@ def test_compare_with_a_run_named_twice_is_a_message(store):  # noqa: F811
             api.compare(store, [name, name])
     at = app(store, "views/compare.py", runs=f"{name},{name}")
     assert not at.exception
+
+
+def test_selections_live_in_the_url(store):  # noqa: F811
+    """Heads shown and each map's own scale were lost on reload; they read back from the URL."""
+    at = app(store, "views/topic_segmentation.py", text="a blue square", shown=3, own=1)
+    assert not at.exception
+    assert at.slider(key="which_k").value == 3
+    assert [t for t in at.toggle if t.label.startswith("Each map")][0].value is True
+    assert len(multiples_of(at)) == 3
+
+
+def multiples_of(at) -> list[str]:
+    return [x.caption for i in at.get("image") if len(i.proto.imgs) > 1 for x in i.proto.imgs]
+
+
+def test_re_sorting_neurons_keeps_the_neuron_shown(store):  # noqa: F811
+    """The selected row was kept by position: re-sorting or searching silently showed another neuron."""
+    at = app(store, "views/neurons.py")
+    table = at.dataframe[0].value
+    pick = int(table["neuron"].iloc[4])
+    at = app(store, "views/neurons.py", neuron=pick)
+    assert any(f"Neuron {pick} of" in h.value for h in at.subheader)
+    at.selectbox(key="norder").set_value("neuron").run()
+    assert not at.exception
+    assert any(f"Neuron {pick} of" in h.value for h in at.subheader)
+    at.text_input(key="nquery").set_value("water").run()
+    assert any(f"Neuron {pick} of" in h.value for h in at.subheader)
+
+
+def test_every_neuron_is_reachable_by_index(store):  # noqa: F811
+    """Sorting by neuron index reached only the first 200 neurons; rows now page."""
+    at = app(store, "views/neurons.py", order="neuron")
+    pages = at.selectbox(key="nfrom").options
+    assert len(pages) >= 2                      # the Shapes layers have 512 neurons
+    at.selectbox(key="nfrom").set_value(pages[-1]).run()
+    assert not at.exception and at.dataframe[0].value["neuron"].max() >= 400

@@ -399,6 +399,9 @@ class Store:
         names = [d[0] for d in rows.description]
         return [dict(zip(names, r)) for r in rows.fetchall()]
 
+    def neuron_count(self, run: RunInfo, layer: int) -> int:
+        return self.sql("SELECT count(*) FROM read_parquet(?)", [self._neuron_file(run, layer)])[0][0]
+
     def neuron_top_images(self, run: RunInfo, layer: int, neuron: int) -> list[tuple[int, float]]:
         rows = self.sql("SELECT top_image_ids, top_norms FROM read_parquet(?) WHERE neuron = ?",
                         [self._neuron_file(run, layer), neuron])

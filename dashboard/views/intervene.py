@@ -78,7 +78,10 @@ with show_errors():
                                                title="Its class scores (top 8)"), width="stretch")
         download_csv(scores, "class scores")
         classes = list(iv.classes)
-        cls = st.selectbox("Segment for", classes, index=classes.index(before), key="icls")
+        wanted_cls = param("cls", before)
+        cls = st.selectbox("Segment for", classes, index=classes.index(wanted_cls if wanted_cls in classes else before),
+                           key="icls")
+        set_params(cls=cls if cls != before else None)
         maps = live.image_token_maps(run.manifest["model"], img.image)
         prompt = iv.prompts[classes.index(cls)]
         t = live.text_embedding(run.manifest["model"], prompt)

@@ -5,8 +5,9 @@ from compute.headnames import head_name
 from compute.render import symmetric_range
 from dashboard import charts
 from dashboard.common import (api_run, download_csv, param, pick_image, pick_opacity, set_params, show_errors,
-                              show_heatmap, show_hits, show_image, start_page, plain)
+                              show_heatmap, show_hits, show_image, start_page, plain, param_in, slug)
 
+PAGE = 200
 ORDERS = {"mean_norm": "mean effect", "max_norm": "largest effect", "direction_share": "one-direction share",
           "text_share": "described by its texts", "neuron": "neuron index"}
 
@@ -26,16 +27,26 @@ with show_errors():
                          index=list(ORDERS).index(order) if order in ORDERS else 0, key="norder")
     query = c3.text_input("Which neurons write …", value=param("q", ""), placeholder="e.g. water", key="nquery")
     set_params(nlayer=layer, order=order, q=query or None)
+    total = api.neuron_count(layer)
     if query.strip():
         table = api.search_neurons(query, k=20, layer=layer)
         st.caption(f"Neurons of layer {layer} whose effect direction is closest to “{plain(query.strip())}” (cosine).")
+        start = 0
     else:
-        table = api.neurons(layer, order=order, limit=200)
+        pages = list(range(0, total, PAGE)) or [0]
+        start = param_in("nfrom", 0, 0, max(0, total - 1))
+        start = st.selectbox(f"Rows ({total} neurons)", pages, index=pages.index(start - start % PAGE),
+                             format_func=lambda a: f"{a + 1}-{min(a + PAGE, total)}", key="nfrom")
+        set_params(nfrom=start or None)
+        table = api.neurons(layer, order=order, limit=PAGE, offset=start)
     table = table.assign(texts=table["texts"].map(" · ".join),
                          head=[head_name(l, h) for l, h in zip(table["main_head_layer"], table["main_head"])])
     cols = ["neuron"] + (["score"] if "score" in table else []) + ["mean_norm", "max_norm", "direction_share",
                                                                    "texts", "head", "main_head_share"]
-    picked = st.dataframe(table[cols], hide_index=True, on_select="rerun", selection_mode="single-row", key="ntable",
+    # the table's key names what it shows, so a selection never outlives its rows: re-sorting or searching starts a
+    # fresh table, and the neuron shown stays the one picked (held by its id in ?neuron=) until another is clicked
+    picked = st.dataframe(table[cols], hide_index=True, on_select="rerun", selection_mode="single-row",
+                          key=f"ntable_{layer}_{order}_{start}_{slug(query.strip())}",
                           column_config={
                               "mean_norm": st.column_config.NumberColumn("mean effect", format="%.2e",
                                                                          help="mean norm of the second-order effect"),
@@ -49,7 +60,7 @@ with show_errors():
     download_csv(table[cols], f"neurons of layer {layer}")
     rows = picked.selection.rows if picked is not None else []
     ids = table["neuron"].tolist()
-    neuron = ids[rows[0]] if rows else param("neuron", ids[0] if ids else 0, int)
+    neuron = ids[rows[0]] if rows else param_in("neuron", ids[0] if ids else 0, 0, max(0, total - 1))
     set_params(neuron=neuron)
 
     view = api.neuron(layer, neuron)
