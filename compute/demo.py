@@ -11,12 +11,20 @@ from compute.shapes.pipeline import build_shapes_store
 
 DEMO_RUN = "shapes-demo"
 DEMO_DATA = "shapes-demo-data"
+#: The second run, so that Compare and the leaderboard show a comparison out of the box: the Shapes CLIP
+#: fine-tuned on a world with a spurious cue (`clip-atlas shapes spurious`), on a quarter as many fresh scenes.
+SECOND_RUN = "shapes-spurious-demo"
+SECOND_DATA = "shapes-spurious-demo-data"
 
 
 def build_demo_store(store: str | Path = "artifacts", n: int = 2000, progress: bool = True) -> Path:
-    """The demo store: seed 0 scenes, every step with the CLI's defaults."""
+    """The demo store: seed 0 scenes through the Shapes CLIP, seed 1 scenes through the spurious-cue organism,
+    every step with the CLI's defaults. Returns the main run."""
     store = Path(store)
-    return build_shapes_store(store / DEMO_DATA, store / DEMO_RUN, n, seed=0, progress=progress)
+    run = build_shapes_store(store / DEMO_DATA, store / DEMO_RUN, n, seed=0, progress=progress)
+    build_shapes_store(store / SECOND_DATA, store / SECOND_RUN, max(50, n // 4), seed=1, model="shapes-spurious",
+                       progress=progress)
+    return run
 
 
 def port_free(port: int, address: str = "localhost") -> bool:

@@ -159,3 +159,16 @@ def test_every_neuron_is_reachable_by_index(store):  # noqa: F811
     assert len(pages) >= 2                      # the Shapes layers have 512 neurons
     at.selectbox(key="nfrom").set_value(pages[-1]).run()
     assert not at.exception and at.dataframe[0].value["neuron"].max() >= 400
+
+
+def test_a_huge_upload_is_downscaled_once_and_refusals_use_the_apps_limit(monkeypatch):
+    """A 6000 x 6000 image took 37-200 s per page; a refusal quoted Pillow's bomb limit, not the app's."""
+    from compute.errors import AtlasError
+    from dashboard import live
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (90, 120, 200)).save(buf, format="JPEG", quality=70)
+    img = live.decode_upload(buf.getvalue())
+    assert max(img.size) == live.DISPLAY_SIDE
+    monkeypatch.setattr(live, "MAX_UPLOAD_PIXELS", 10_000_000)
+    with pytest.raises(AtlasError, match="too large: 6000 x 6000 pixels, and the dashboard takes up to 10 million"):
+        live.decode_upload(buf.getvalue())

@@ -56,6 +56,26 @@ def textspan_reconstruction_around(C: np.ndarray, mean: np.ndarray, directions: 
     return mean + ((C - mean) @ directions.transpose(0, 2, 1)) @ directions
 
 
+#: Model-level metrics as a person reads them: (name shown, definition, which way is better). docs/metrics.md.
+METRIC_INFO = {
+    "association": ("Association", "mean share of a labelled head's texts tagged with its property", "higher"),
+    "entanglement": ("Entanglement", "mean share of the other labelled heads that carry the same property", "lower"),
+    "properties": ("Properties", "distinct properties among labelled heads", ""),
+    "labelled_heads": ("Labelled heads", "heads whose two image halves agree on a property", ""),
+    "variance_explained": ("Variance explained", "mean share of a head's variance its TextSpan texts remove", "higher"),
+    "zero_shot_accuracy": ("Zero-shot accuracy", "accuracy of the embeddings with the model's zero-shot prompt", "higher"),
+    "textspan_reconstruction_cosine": ("TextSpan reconstruction (cosine)", "mean cosine of the embedding with the one "
+                                       "rebuilt from each head's TextSpan reconstruction", "higher"),
+    "textspan_reconstruction_zero_shot": ("TextSpan reconstruction (zero-shot)", "zero-shot accuracy of those "
+                                          "rebuilt embeddings", "higher"),
+}
+
+
+def metric_label(metric: str) -> str:
+    name, _, better = METRIC_INFO.get(metric, (metric.replace("_", " "), "", ""))
+    return f"{name} ({better} is better)" if better else name
+
+
 @dataclass
 class Metric:
     """One row of metrics.parquet."""

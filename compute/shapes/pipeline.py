@@ -2,6 +2,8 @@
 with the CLI's defaults (the demo, `shapes validate` and `shapes spurious` all build their stores through it)."""
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 from compute.jobs.compute import ComputeConfig, run_compute
@@ -18,21 +20,29 @@ from compute.store.layout import RunStore
 def build_shapes_store(data: Path, run: Path, n: int, seed: int, metrics: bool = True, progress: bool = True,
                        model: str = "shapes") -> Path:
     """Generate scenes, compute their store with a Shapes model, then TextSpan, labels, metrics, ground truth,
-    each with the CLI's defaults (nothing is tuned here). Each step is skipped when its output is already there."""
-    if not (data / "scenes.parquet").is_file():
-        generate(n, seed=seed, out=data, progress=progress)
+    each with the CLI's defaults (nothing is tuned here). Each step is skipped when its output is already there;
+    with `progress`, each step says its name and number before its own progress bar (count, rate, ETA)."""
     rs = RunStore(run)
-    if not rs.is_complete():
-        run_compute(ComputeConfig(model, str(data), str(run)), progress=progress)
-    if not rs.table_path("textspan_heads").is_file():
-        run_textspan(str(run), progress=progress)
-    if not rs.table_path("properties").is_file():
-        run_label(str(run))
-    if not any((run / "neurons").glob("layer=*.parquet")):
-        run_neurons(str(run), progress=progress)
-    if not rs.table_path("shapes_heads").is_file():
-        evaluate_run(str(run), progress=progress)
-    if metrics and not rs.table_path("metrics").is_file():
-        run_metrics(str(run), progress=progress)
-    build_index(str(run), progress=progress)       # skips heads whose index is current
+    steps = [
+        ("generate scenes", lambda: (data / "scenes.parquet").is_file(),
+         lambda: generate(n, seed=seed, out=data, progress=progress)),
+        (f"decompose with {model}", rs.is_complete,
+         lambda: run_compute(ComputeConfig(model, str(data), str(run)), progress=progress)),
+        ("TextSpan", lambda: rs.table_path("textspan_heads").is_file(), lambda: run_textspan(str(run), progress=progress)),
+        ("label heads", lambda: rs.table_path("properties").is_file(), lambda: run_label(str(run))),
+        ("neurons", lambda: any((run / "neurons").glob("layer=*.parquet")), lambda: run_neurons(str(run), progress=progress)),
+        ("ground truth", lambda: rs.table_path("shapes_heads").is_file(), lambda: evaluate_run(str(run), progress=progress)),
+        ("metrics", lambda: not metrics or rs.table_path("metrics").is_file(), lambda: run_metrics(str(run), progress=progress)),
+        ("index", lambda: False, lambda: build_index(str(run), progress=progress)),   # skips heads already current
+    ]
+    for i, (name, done, work) in enumerate(steps, 1):
+        if done():
+            continue
+        if progress:
+            print(f"{run.name} [{i}/{len(steps)}] {name}", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        work()
+        if progress:
+            print(f"{run.name} [{i}/{len(steps)}] {name}: done in {time.perf_counter() - t:.0f} s", file=sys.stderr,
+                  flush=True)
     return run

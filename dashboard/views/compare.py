@@ -3,6 +3,7 @@ import streamlit as st
 
 from compute import api
 from compute.headnames import head_name
+from compute.jobs.metrics import metric_label
 from dashboard import charts
 from dashboard.common import current_store, param, set_params, show_errors, usable_runs, plain
 
@@ -28,10 +29,10 @@ with show_errors():
         st.info("None of these runs has metrics yet: `clip-atlas metrics RUN`.")
     else:
         table = cmp.metrics.pivot_table(index="metric", columns="run", values="value").reindex(columns=chosen)
-        st.dataframe(table, width="stretch")
+        st.dataframe(table.rename(index=metric_label), width="stretch")
         st.download_button("Download metrics (CSV)", table.to_csv().encode(), "metrics.csv", "text/csv", key="dl_metrics")
         st.altair_chart(charts.metric_bars(cmp.metrics), width="stretch")
-        st.caption("association: higher is better · entanglement: lower is better · definitions in docs/metrics.md")
+        st.caption("Each metric's definition is in docs/metrics.md (and on hover on the Leaderboard).")
     st.subheader("Head properties")
     if cmp.properties.empty:
         st.info("None of these runs has property labels yet: `clip-atlas textspan RUN`, then `clip-atlas label RUN`.")

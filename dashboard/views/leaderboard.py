@@ -2,6 +2,7 @@
 import pandas as pd
 import streamlit as st
 
+from compute.jobs.metrics import METRIC_INFO, metric_label
 from compute.store.query import manifest_summary
 from dashboard import charts
 from dashboard.common import current_store, download_csv, show_errors
@@ -22,9 +23,12 @@ with show_errors():
     st.subheader("Metrics")
     df = pd.DataFrame(board, columns=["run", "model", "metric", "value"]).pivot_table(
         index=["run", "model"], columns="metric", values="value").reset_index()
-    st.dataframe(df, hide_index=True, width="stretch")
+    # readable names, each metric's definition on hover; the table scrolls sideways when it is wider than the page
+    st.dataframe(df, hide_index=True, width="stretch", column_config={
+        m: st.column_config.NumberColumn(metric_label(m), help=METRIC_INFO.get(m, ("", "", ""))[1] or None, format="%.3f")
+        for m in df.columns if m not in ("run", "model")})
     download_csv(df, "leaderboard")
-    st.caption("association: higher is better · entanglement: lower is better · definitions in docs/metrics.md")
+    st.caption("Hover a column for its definition; all of them are in docs/metrics.md.")
     ok = [r for r in runs if r.ok and r.has("metrics")]
     layer_rows = [(r.name, l, m, v) for r in ok for l, _, m, v in s.metrics(r, "layer") if m.startswith("ablation_cosine")]
     head_rows = [(r.name, l, h, v) for r in ok for l, h, m, v in s.metrics(r, "head") if m == "variance_explained"]
