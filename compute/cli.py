@@ -41,7 +41,7 @@ def _compute(a: argparse.Namespace) -> None:
 
 
 def _eval_ablation(a: argparse.Namespace) -> None:
-    from compute.eval.ablation import format_report, read_grouped_set, run_ablation
+    from compute.eval.ablation import ablation_heads, format_report, read_grouped_set, run_ablation
     from compute.models import load_model
     from compute.runtime import pick_device
     from compute.store.layout import write_json_atomic
@@ -50,7 +50,12 @@ def _eval_ablation(a: argparse.Namespace) -> None:
     _check_out(a.out)
     data = read_grouped_set(a.images, a.groups, a.classes)
     loaded = load_model(a.model, device=pick_device(a.device))
-    report = run_ablation(loaded, data, a.ablate, a.run, random_k=a.random, seed=a.seed, mean_from=a.mean_from)
+    if a.search:
+        from compute.eval.head_search import run_search
+        report = run_search(loaded, data, seed=a.seed, random_k=a.random,
+                            property_heads=ablation_heads(loaded, a.ablate, a.run) if a.ablate else None)
+    else:
+        report = run_ablation(loaded, data, a.ablate, a.run, random_k=a.random, seed=a.seed, mean_from=a.mean_from)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(report, Path(a.out))
     print(format_report(report))
@@ -332,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     ea.add_argument("--seed", type=NONNEGATIVE, default=0, help="seed of the random ablations")
     ea.add_argument("--mean-from", default="eval", choices=["eval", "run"],
                     help="replace ablated heads by their mean over the evaluated images (default, as the paper) or the run's")
+    ea.add_argument("--search", action="store_true",
+                    help="find the heads that narrow the gap between groups on half of the images (seeded), and report "
+                         "every condition on the other half only, with bootstrap intervals (docs/reproduce.md)")
     ea.add_argument("--device", default="auto")
     ea.add_argument("--out", required=True, help="report, .json")
 

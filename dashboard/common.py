@@ -72,7 +72,8 @@ def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")[:80] or "download"
 
 
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|$<>~:])")
+# what markdown, Streamlit's :colour[...] directives, LaTeX and HTML act on inside a line
+_MARKDOWN = re.compile(r"([\\`*_\[\]()#|$<>~])")
 
 
 def plain(text: object, limit: int = 200) -> str:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from compute import checks
 from compute.csvfiles import read_csv_rows
 from compute.errors import AtlasError
+from compute.maths.decompose import component_layout
 from compute.headnames import parse_heads
 from compute.images import BadImage, load_image
 from compute.models import LoadedModel
@@ -77,14 +78,16 @@ class HeadScores:
     layers: list[int]
     kept: np.ndarray          # indices into the set of the images that decoded
     texts: torch.Tensor       # [C, D] the class prompts' embeddings (float64)
+    components: np.ndarray | None = None     # [N, K, C] every component's scores (component_layout order)
+    component_kinds: list[str] | None = None
 
 
 @torch.no_grad()
 def head_scores(loaded: LoadedModel, data: GroupedSet, layers: list[int], batch_size: int = 64,
-                progress: bool = True) -> HeadScores:
+                progress: bool = True, components: bool = False) -> HeadScores:
     texts = loaded.encode_texts(data.prompts).double()                  # [C, D]
     dec = loaded.decomposer(head_layers=tuple(layers))
-    base, heads, kept = [], [], []
+    base, heads, kept, comps = [], [], [], []
     bar = tqdm(total=len(data.paths), desc="classify", unit="img", disable=not progress)
     for i in range(0, len(data.paths), batch_size):
         pix = []
@@ -100,10 +103,14 @@ def head_scores(loaded: LoadedModel, data: GroupedSet, layers: list[int], batch_
         d = dec(torch.stack(pix).to(loaded.device))
         base.append((d.embedding.double() @ texts.T.to(d.embedding.device)).cpu().numpy())
         heads.append((d.heads.double() @ texts.T.to(d.heads.device)).cpu().numpy())
+        if components:
+            comps.append((d.components().double() @ texts.T.to(d.heads.device)).cpu().numpy())
     bar.close()
     if not kept:
         raise AtlasError("none of the listed images could be decoded")
-    return HeadScores(np.concatenate(base), np.concatenate(heads), layers, np.array(kept), texts)
+    kinds = component_layout(loaded.info.layers)[0] if components else None
+    return HeadScores(np.concatenate(base), np.concatenate(heads), layers, np.array(kept), texts,
+                      np.concatenate(comps) if components else None, kinds)
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, group_names: list[str]) -> dict:
@@ -155,6 +162,21 @@ def property_heads(run: str | Path, prop: str) -> tuple[list[tuple[int, int]], l
     return heads, sorted(layers)
 
 
+def _resolve_ablate(loaded: LoadedModel, ablate: str, run: str | None) -> tuple[list[tuple[int, int]], list[int]]:
+    """(heads, the layers they were chosen among) from --ablate: a list of heads, or a property of --run."""
+    info = loaded.info
+    if looks_like_heads(ablate):
+        heads = parse_heads(ablate, info.layers, info.heads)
+        return heads, sorted({lh[0] for lh in heads})
+    if run is None:
+        raise AtlasError(f"--ablate {ablate} names a property: pass --run with the labelled run")
+    return property_heads(run, ablate)
+
+
+def ablation_heads(loaded: LoadedModel, ablate: str, run: str | None) -> list[tuple[int, int]]:
+    return _resolve_ablate(loaded, ablate, run)[0]
+
+
 def run_ablation(loaded: LoadedModel, data: GroupedSet, ablate: str | None = None, run: str | None = None,
                  random_k: int = 5, seed: int = 0, mean_from: str = "eval", progress: bool = True) -> dict:
     """The JSON report: {"conditions": [{"name", "average", "worst_group", "heads", "groups"}, ...], ...}."""
@@ -168,13 +190,7 @@ def run_ablation(loaded: LoadedModel, data: GroupedSet, ablate: str | None = Non
             raise AtlasError(f"{run} was computed with {run_model}, not {info.spec}: its labels describe another model")
     heads, layers = [], []
     if ablate:
-        if looks_like_heads(ablate):
-            heads = parse_heads(ablate, info.layers, info.heads)
-            layers = sorted({lh[0] for lh in heads})
-        elif run is None:
-            raise AtlasError(f"--ablate {ablate} names a property: pass --run with the labelled run")
-        else:
-            heads, layers = property_heads(run, ablate)
+        heads, layers = _resolve_ablate(loaded, ablate, run)
     if mean_from == "run" and run is None:
         raise AtlasError("--mean-from run needs --run")
     hs = head_scores(loaded, data, layers, progress=progress)
@@ -203,7 +219,16 @@ def run_ablation(loaded: LoadedModel, data: GroupedSet, ablate: str | None = Non
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'condition':10s} {'heads':>5s} {'average':>8s} {'worst group':>12s}"]
+    lines = [f"{'condition':16s} {'heads':>5s} {'average':>8s} {'worst group':>12s}  (95% interval)"]
     for c in report["conditions"]:
-        lines.append(f"{c['name']:10s} {len(c['heads']):5d} {100 * c['average']:8.1f} {100 * c['worst_group']:12.1f}")
+        ci = c.get("ci", {}).get("worst_group")
+        interval = f"  [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+        lines.append(f"{c['name']:16s} {len(c['heads']):5d} {100 * c['average']:8.1f} {100 * c['worst_group']:12.1f}"
+                     + interval)
+    if "search" in report:
+        s, sh = report["search"], report["shares"]
+        lines.append(f"searched on {s['selection_images']} images, reported on the other {s['test_images']}: "
+                     f"{', '.join(s['heads']) or 'no head'}")
+        lines.append(f"the {s['worst_group']} vs {s['best_group']} margin gap: heads carry {100 * sh['heads']:.0f}%, "
+                     f"MLPs {100 * sh['mlp']:.0f}%, the rest {100 * sh['rest']:.0f}%")
     return "\n".join(lines)

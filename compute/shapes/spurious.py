@@ -11,7 +11,10 @@ the shape on a fixed background would teach the model to ignore the background).
 The experiment (`run_spurious`) then does what the paper does: zero-shot "a circle" vs "a square"
 on a balanced test set (class x background groups), average and worst-group accuracy for the
 model as is, with its background heads mean-ablated, and with the best of K random ablations
-of as many heads from the same layers.
+of as many heads from the same layers; and what the paper could not: the heads found from group
+labels (`eval/head_search.py`: chosen on half of the test set, `searched`) against the best of K
+random ablations of as many heads (`random_searched`). Every condition is reported on the half the
+search never saw, with bootstrap intervals.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from compute.eval.ablation import format_report, read_grouped_set, run_ablation
+from compute.eval.ablation import format_report, property_heads, read_grouped_set
+from compute.eval.head_search import run_search
 from compute.headnames import head_name
 from compute.models import SHAPES_WEIGHTS, SPURIOUS_WEIGHTS, load_model
 from compute.shapes.accuracy import attribute_accuracy, to_model_input
@@ -144,8 +148,9 @@ def run_spurious(out: str | Path, seed: int = 1, n_store: int = 2000, n_test: in
                              progress=progress)
     test = write_test_set(out / "test", n_test, seed)
     data = read_grouped_set(test, test / "groups.csv", test / "classes.csv")
-    report = run_ablation(load_model(SPURIOUS_NAME), data, "background", str(run), random_k=random_k, seed=seed,
-                          progress=progress)
+    heads, layers = property_heads(str(run), "background")
+    report = run_search(load_model(SPURIOUS_NAME), data, seed=seed, random_k=random_k, property_heads=heads,
+                        property_layers=layers, progress=progress)
     write_json_atomic(report, out / "ablation.json")
     (out / "ablation.md").write_text(format_table(report) + "\n")
     if progress:
