@@ -257,9 +257,10 @@ class Run:
         top = bottom = self._hits([])
         if direction is not None:
             # along the head's first TextSpan direction: ranked by projection (how far an image goes along it)
-            top = self._hits(self.store.head_top_k(self.info, layer, head, direction, k=k, by="dot"))
-            bottom = self._hits(self.store.head_top_k(self.info, layer, head, -direction, k=k, by="dot"))
-            bottom["score"], bottom["cosine"] = -bottom["score"], -bottom["cosine"]
+            top = self._hits(self.store.head_top_k(self.info, layer, head, direction, k=k, by="dot"), by="dot")
+            bottom = self._hits(self.store.head_top_k(self.info, layer, head, -direction, k=k, by="dot"), by="dot")
+            for col in ("score", "cosine", "dot"):
+                bottom[col] = -bottom[col]
         return HeadView(layer, head, label[0], label[1], texts, top, bottom)
 
     # ---- neighbours
@@ -545,11 +546,15 @@ class Run:
         """[len(layers), H, D] for one image (layers sorted)."""
         return decompose(self.model, [image], layers=list(layers)).heads[0].float().numpy()
 
-    def _hits(self, hits: list[tuple]) -> pd.DataFrame:
-        """(image_id, score[, cosine]) tuples -> image_id, path, label, score, cosine (NaN when not a similarity), file."""
+    def _hits(self, hits: list[tuple], by: str = "cosine") -> pd.DataFrame:
+        """(image_id, dot[, cosine]) tuples -> image_id, path, label, score (what the rows are ranked by: the cosine,
+        or with by="dot" the dot product), cosine (NaN when not a similarity), dot, file."""
         info = self.store.image_info(self.info, [h[0] for h in hits]) if hits else {}
-        rows = [(h[0], info.get(h[0], (None, None))[0], info.get(h[0], (None, None))[1], h[1],
-                 h[2] if len(h) > 2 else float("nan")) for h in hits]
-        df = pd.DataFrame(rows, columns=["image_id", "path", "label", "score", "cosine"])
+        rows = []
+        for h in hits:
+            cos = h[2] if len(h) > 2 else float("nan")
+            rows.append((h[0], info.get(h[0], (None, None))[0], info.get(h[0], (None, None))[1],
+                         cos if by == "cosine" and len(h) > 2 else h[1], cos, h[1]))
+        df = pd.DataFrame(rows, columns=["image_id", "path", "label", "score", "cosine", "dot"])
         df["file"] = [str(full_path(self.info, p)) if p else None for p in df["path"]]
         return df

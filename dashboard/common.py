@@ -56,7 +56,8 @@ def intervention(root: str, run_name: str, stamp: float, heads: tuple, template:
 
 def show_hits(s: Store, run: RunInfo, hits, score_name: str = "dot product", name: str = "results") -> None:
     """An API result table (image_id, score, cosine, ...) as an image grid, with a CSV download of the table."""
-    image_grid(s, run, list(zip(hits["image_id"].tolist(), hits["score"].tolist(), hits["cosine"].tolist())),
+    dots = hits["dot"] if "dot" in hits else hits["score"]
+    image_grid(s, run, list(zip(hits["image_id"].tolist(), dots.tolist(), hits["cosine"].tolist())),
                score_name=score_name)
     download_csv(hits.drop(columns=["file"], errors="ignore").rename(columns={"score": score_name.replace(" ", "_")}),
                  name)

@@ -289,8 +289,8 @@ class Store:
         return self.sql("""
             SELECT image_id, list_dot_product(contribution, ?::FLOAT[]) AS score
             FROM read_parquet(?) ORDER BY list_cosine_similarity(contribution, ?::FLOAT[]) DESC LIMIT ?""",
-            [np.asarray(query, np.float32).tolist(), np.asarray(query, np.float32).tolist(),
-             run.layout.heads_glob(layer, head), k])
+            [np.asarray(query, np.float32).tolist(), run.layout.heads_glob(layer, head),
+             np.asarray(query, np.float32).tolist(), k])
 
     # ---- TextSpan, properties, metrics
     def head_texts(self, run: RunInfo, layer: int, head: int) -> list[HeadText]:

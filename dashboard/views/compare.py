@@ -22,8 +22,7 @@ with show_errors():
         st.info("Pick at least two runs.")
         st.stop()
     cmp = api.compare(s, chosen)
-    st.dataframe(cmp.models[["run", "model", "family", "pool", "layers x heads", "images"]], hide_index=True,
-                 width="stretch")
+    st.table(cmp.models[["run", "model", "family", "pool", "layers x heads", "images"]].set_index("run"))
     st.subheader("Metrics")
     if cmp.metrics.empty:
         st.info("None of these runs has metrics yet: `clip-atlas metrics RUN`.")
