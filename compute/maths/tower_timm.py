@@ -230,8 +230,8 @@ class TimmTower(Tower):
             u = (norm.lin(o[:, None]) + (norm.bias(B) if norm.bias(B) is not None else 0))[:, 0]
             u = u @ mlp.fc1.weight.to(fd).T + (mlp.fc1.bias.to(fd) if mlp.fc1.bias is not None else 0)
             act = mlp.act(u)
-            gates = torch.where(u.abs() > 1e-12, act / torch.where(u.abs() > 1e-12, u, torch.ones_like(u)),
-                                torch.full_like(u, 0.5))
+            live = u.abs() > 1e-12                                  # act(u) / u, and its limit 1/2 at u = 0
+            gates = torch.where(live, act / torch.where(live, u, torch.ones_like(u)), torch.full_like(u, 0.5))
             steps.append(ResidualMLPStep(norm, mlp.fc1.weight.to(fd), None if mlp.fc1.bias is None else mlp.fc1.bias.to(fd),
                                          gates, mlp.fc2.weight.to(fd), None if mlp.fc2.bias is None else mlp.fc2.bias.to(fd)))
             pooled_out = o + ((u * gates) @ mlp.fc2.weight.to(fd).T + (mlp.fc2.bias.to(fd) if mlp.fc2.bias is not None else 0))
