@@ -73,12 +73,22 @@ def open_head_index(store: RunStore, layer: int, head: int) -> tuple[np.ndarray,
         return None
 
 
+def row_norms(M: np.ndarray) -> np.ndarray:
+    """[N] float32: each row's norm, block by block (bounded memory over a memory map)."""
+    out = np.empty(len(M), np.float32)
+    for i in range(0, len(M), BLOCK_ROWS):
+        block = M[i:i + BLOCK_ROWS]
+        out[i:i + BLOCK_ROWS] = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float32))
+    return out
+
+
 def top_k(ids: np.ndarray, M: np.ndarray, query: np.ndarray, k: int, exclude: int | None = None,
-          by: str = "cosine") -> list[tuple[int, float, float]]:
+          by: str = "cosine", norms: np.ndarray | None = None) -> list[tuple[int, float, float]]:
     """Exact top-k over all rows of M (in memory or memory-mapped), scored block by block: (image_id, dot product,
     cosine) per hit, ranked by the cosine (neighbours: which images the head sends the same way, whatever their
     contribution's size; the raw dot product let a few large contributions win every query) or, with
-    by="dot", by the dot product (projection on a unit direction: the images that go furthest along it)."""
+    by="dot", by the dot product (projection on a unit direction: the images that go furthest along it).
+    `norms` (row_norms(M), which a caller caches beside M) saves a pass for the cosine."""
     q = np.asarray(query, np.float32).reshape(-1)
     n = len(ids)
     scores = np.empty(n, np.float32)
@@ -87,8 +97,8 @@ def top_k(ids: np.ndarray, M: np.ndarray, query: np.ndarray, k: int, exclude: in
         block = M[i:i + BLOCK_ROWS]
         np.dot(block, q, out=scores[i:i + BLOCK_ROWS])
         if by == "cosine":
-            norms = np.linalg.norm(np.asarray(block, np.float32), axis=1) * qn
-            scores[i:i + BLOCK_ROWS] /= np.where(norms > 0, norms, np.inf)
+            n_block = (norms[i:i + BLOCK_ROWS] if norms is not None else row_norms(block)) * qn
+            scores[i:i + BLOCK_ROWS] /= np.where(n_block > 0, n_block, np.inf)
     dropped = 0
     if exclude is not None:
         hit = np.asarray(ids) == exclude

@@ -17,7 +17,7 @@ import numpy as np
 
 from compute.errors import AtlasError
 from compute.store import readers
-from compute.store.index import open_head_index, top_k
+from compute.store.index import open_head_index, row_norms, top_k
 from compute.store.layout import MANIFEST, RunStore
 from compute.store.readers import vector_column
 
@@ -133,6 +133,7 @@ class Store:
         self._con.execute("SET lock_configuration = true")
         self._matrices: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._means: dict[tuple, dict] = {}
+        self._norm_cache: dict[tuple, tuple] = {}
         self._matrix_lock = threading.Lock()
 
     # ---- connection
@@ -271,17 +272,30 @@ class Store:
                    exclude: int | None = None, by: str = "cosine") -> list[tuple[int, float, float]]:
         """Exact top-k images by cosine (or dot product) with one head's contributions, (image_id, dot, cosine):
         from the head's memory-mapped index when `clip-atlas index` built a current one (no re-read, any N), else
-        from Parquet through DuckDB (LRU)."""
+        from Parquet through DuckDB (LRU). Row norms are computed once per matrix and kept beside it."""
         index = open_head_index(RunStore(run.path), layer, head)
         if index is None:
-            index = self._matrix(run.layout.heads_glob(layer, head),
-                                 "contribution")
-        return top_k(*index, query, k, exclude, by)
+            index = self._matrix(run.layout.heads_glob(layer, head), "contribution")
+        return top_k(*index, query, k, exclude, by, self._norms_of(index[1]) if by == "cosine" else None)
 
     def property_top_k(self, run: RunInfo, prop: str, query: np.ndarray, k: int = 4,
-                       exclude: int | None = None) -> list[tuple[int, float]]:
+                       exclude: int | None = None) -> list[tuple[int, float, float]]:
         ids, M = self._matrix(run.layout.property_glob(prop), "vector")
-        return top_k(ids, M, query, k, exclude)
+        return top_k(ids, M, query, k, exclude, norms=self._norms_of(M))
+
+    def _norms_of(self, M: np.ndarray) -> np.ndarray:
+        """Row norms of a cached matrix or memory-mapped index, kept while it is (keyed by the file or object)."""
+        path = getattr(M, "filename", None)             # a memory-mapped index: its file and when it was written
+        key = (path, Path(path).stat().st_mtime_ns, M.shape) if path else (id(M), M.shape)
+        with self._matrix_lock:
+            hit = self._norm_cache.get(key)
+        if hit is None or (path is None and hit[0] is not M):
+            hit = (M, row_norms(M))
+            with self._matrix_lock:
+                self._norm_cache[key] = hit
+                while len(self._norm_cache) > 64:
+                    self._norm_cache.pop(next(iter(self._norm_cache)))
+        return hit[1]
 
     def head_top_k_sql(self, run: RunInfo, layer: int, head: int, query: np.ndarray, k: int = 8) -> list[tuple[int, float]]:
         """The same query (ranked by cosine; (image_id, dot) per hit) answered by DuckDB from the Parquet files each
