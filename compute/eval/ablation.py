@@ -131,13 +131,16 @@ def mean_ablate(total: np.ndarray, parts: np.ndarray, means: np.ndarray) -> np.n
     return total - (parts - means[:, None]).sum(0)
 
 
-def ablated_scores(hs: HeadScores, heads: list[tuple[int, int]], means: np.ndarray) -> np.ndarray:
-    """Base scores with each listed head's score replaced by its mean score; means is [len(layers), H, C]."""
+def ablated_scores(hs: HeadScores, heads: list[tuple[int, int]], means: np.ndarray,
+                   rows: np.ndarray | None = None) -> np.ndarray:
+    """Base scores with each listed head's score replaced by its mean score; means is [len(layers), H, C];
+    `rows` restricts to some images (a selection or test part)."""
+    rows = slice(None) if rows is None else rows
     idx = [(hs.layers.index(layer), h) for layer, h in heads]
     if not idx:
-        return hs.base.copy()
-    parts = np.stack([hs.heads[:, li, h] for li, h in idx])
-    return mean_ablate(hs.base, parts, np.stack([means[li, h] for li, h in idx]))
+        return hs.base[rows].copy()
+    parts = np.stack([hs.heads[rows, li, h] for li, h in idx])
+    return mean_ablate(hs.base[rows], parts, np.stack([means[li, h] for li, h in idx]))
 
 
 def run_means(run: str | Path, layers: list[int], n_heads: int, texts: torch.Tensor) -> np.ndarray:

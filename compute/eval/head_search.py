@@ -33,7 +33,7 @@ import random
 
 import numpy as np
 
-from compute.eval.ablation import GroupedSet, HeadScores, accuracy, head_scores, mean_ablate
+from compute.eval.ablation import GroupedSet, HeadScores, ablated_scores, accuracy, head_scores
 from compute.headnames import head_name
 from compute.models import LoadedModel
 
@@ -73,26 +73,18 @@ def head_gap_scores(hs: HeadScores, idx: np.ndarray, y: np.ndarray, g: np.ndarra
     return delta[g == worst].mean(0) - delta[g == best].mean(0)
 
 
-def _scores(hs: HeadScores, heads: list[tuple[int, int]], idx: np.ndarray, means: np.ndarray) -> np.ndarray:
-    if not heads:
-        return hs.base[idx]
-    li = [(hs.layers.index(l), h) for l, h in heads]
-    parts = np.stack([hs.heads[idx][:, a, b] for a, b in li])
-    return mean_ablate(hs.base[idx], parts, np.stack([means[a, b] for a, b in li]))
-
-
 def greedy(hs: HeadScores, idx: np.ndarray, y: np.ndarray, g: np.ndarray, names: list[str], means: np.ndarray,
            order: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[dict]]:
     """The greedy search over `order` (the candidates); returns the chosen heads and each step's figures."""
     chosen: list[tuple[int, int]] = []
-    now = accuracy(_scores(hs, chosen, idx, means), y, g, names)
+    now = accuracy(ablated_scores(hs, chosen, means, idx), y, g, names)
     steps = [{"heads": [], "worst_group": now["worst_group"], "average": now["average"]}]
     while len(chosen) < MAX_HEADS:
         best, best_acc = None, None
         for h in order:
             if h in chosen:
                 continue
-            acc = accuracy(_scores(hs, chosen + [h], idx, means), y, g, names)
+            acc = accuracy(ablated_scores(hs, chosen + [h], means, idx), y, g, names)
             if best_acc is None or (acc["worst_group"], acc["average"]) > (best_acc["worst_group"], best_acc["average"]):
                 best, best_acc = h, acc
         if best is None or best_acc["worst_group"] - now["worst_group"] < MIN_GAIN:
@@ -166,7 +158,7 @@ def run_search(loaded: LoadedModel, data: GroupedSet, hs: HeadScores | None = No
     every = [(l, h) for l in hs.layers for h in range(info.heads)]
 
     def condition(name: str, heads: list[tuple[int, int]]) -> dict:
-        s = _scores(hs, heads, test, means)
+        s = ablated_scores(hs, heads, means, test)
         return {"name": name, **accuracy(s, y, g, names), "heads": [list(h) for h in heads],
                 "ci": bootstrap(s, y, g, names, seed)}
 

@@ -126,8 +126,7 @@ class Decomposer:
         self.A, self.B = maps.A, maps.B                             # [K, W, r], [K, r, Dq] or None
         self.writes = [self.tower.head_write(i) for i in range(self.n_layers)]
         # head h's write read through channel k: [H, hd, K, r]
-        self.R = [torch.einsum("hdw,kwr->hdkr", w.matrix, self.A) for w in self.writes]
-        self.R_all = torch.stack(self.R)                            # [L, H, hd, K, r]
+        self.R = torch.stack([torch.einsum("hdw,kwr->hdkr", w.matrix, self.A) for w in self.writes])   # [L, H, hd, K, r]
         self.bias_dir = torch.stack([torch.einsum("w,kwr->kr", w.bias, self.A) for w in self.writes])   # [L, K, r]
         self.scaled = [i for i, w in enumerate(self.writes) if w.scaled]
         # the class-token fast path (K = 1, no second factor): the fold the neurons and old callers read
@@ -173,7 +172,7 @@ class Decomposer:
                 s[:, i] = cache[trace.SUB_SCALE.format(i)].to(fd)
             El = El * s[:, :, None]
         zbar = (El @ z).view(E.shape[0], L, E.shape[1], H, hd)     # [B, L, K, H, hd]
-        heads = self._channels(torch.einsum("blkhd,lhdkr->blhkr", zbar, self.R_all))    # [B, L, H, Dq]
+        heads = self._channels(torch.einsum("blkhd,lhdkr->blhkr", zbar, self.R))    # [B, L, H, Dq]
         # the output bias is written at every read row, so it carries the rows' total weight per channel
         bias = self._channels(torch.einsum("bk,lkr->blkr", E.sum(-1), self.bias_dir))   # [B, L, Dq]
         attn = heads.sum(2)

@@ -254,6 +254,3 @@ class Tower:
 
     def neuron_unsupported_reason(self) -> str | None:
         return f"neuron effects are computed for open_clip ViTs only so far, not for {self.family} towers"
-
-    def saliency_unsupported_reason(self) -> str | None:
-        return None
