@@ -10,6 +10,7 @@ from pathlib import Path
 
 from compute.checks import below
 from compute.errors import AtlasError
+from compute.organisms import ORGANISMS
 
 DEFAULT_STORE = "artifacts"
 
@@ -110,11 +111,11 @@ def _eval_segmentation(a: argparse.Namespace) -> None:
 
 
 def _shapes_train(a: argparse.Namespace) -> None:
-    from compute.models import SHAPES_WEIGHTS
-    from compute.shapes.train import TrainConfig, train
-    cfg = TrainConfig(steps=a.steps, seed=a.seed)
+    from compute.models import organism_weights
+    from compute.shapes.train import recipe, train
+    overrides = {k: v for k, v in (("steps", a.steps), ("seed", a.seed)) if v is not None}
     _check_out(a.out)
-    train(cfg, Path(a.out) if a.out else SHAPES_WEIGHTS)
+    train(recipe(a.arch, **overrides), Path(a.out) if a.out else organism_weights(a.arch))
 
 
 def _shapes_spurious(a: argparse.Namespace) -> None:
@@ -352,10 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.add_argument("--objects", default="mixed", choices=["mixed", "1"],
                    help="mixed (default: one or two objects, as in training) | 1 (one object a scene, for segmentation)")
-    t = _command(s, "train", "train the Shapes CLIP (CPU, about an hour)", _shapes_train)
-    t.add_argument("--steps", type=POSITIVE, default=2000)
-    t.add_argument("--seed", type=NONNEGATIVE, default=0)
-    t.add_argument("--out", default=None, help="weights file (default: the bundled one)")
+    t = _command(s, "train", "train a Shapes organism (CPU: the base one about 90 min, the zoo's 10-30 min)", _shapes_train)
+    t.add_argument("--arch", default="shapes", choices=list(ORGANISMS),
+                   help="which organism (default: the base Shapes CLIP); see the model cards in compute/shapes/weights")
+    t.add_argument("--steps", type=POSITIVE, default=None, help="default: the organism's recipe (2000, zoo 600)")
+    t.add_argument("--seed", type=NONNEGATIVE, default=None, help="default: 0")
+    t.add_argument("--out", default=None, help="weights file (default: the bundled one for --arch)")
     _command(s, "eval", "ground-truth evaluation of a run computed on a Shapes dataset", _shapes_eval, run=True)
     v = _command(s, "validate", "the whole pipeline with defaults on fresh seeds, scored against ground truth",
                  _shapes_validate)

@@ -28,16 +28,25 @@ from compute.errors import AtlasError
 from compute.maths.decompose import Decomposer
 from compute.maths.segment import TokenMaps
 from compute.maths.trace import Tower
+from compute.organisms import ORGANISMS
 from compute.maths.towers import tower, unsupported_reason
+from compute.timm_archs import register_timm_archs
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-SHAPES_WEIGHTS = Path(__file__).parent / "shapes" / "weights" / "clip-atlas-shapes.safetensors"
+WEIGHTS_DIR = Path(__file__).parent / "shapes" / "weights"
+# Each organism's weights lie in WEIGHTS_DIR, named for its architecture.
+SHAPES_WEIGHTS = WEIGHTS_DIR / "clip-atlas-shapes.safetensors"
 #: The Shapes CLIP fine-tuned on a world with a spurious cue (`clip-atlas shapes spurious`).
-SPURIOUS_WEIGHTS = SHAPES_WEIGHTS.with_name("shapes-spurious.safetensors")
+SPURIOUS_WEIGHTS = WEIGHTS_DIR / "shapes-spurious.safetensors"
+
+
+def organism_weights(name: str) -> Path:
+    return WEIGHTS_DIR / f"{ORGANISMS[name]}.safetensors"
+
 
 #: Named models: short name -> (open_clip architecture, pretrained tag or weights path).
 REGISTRY: dict[str, tuple[str, str]] = {
-    "shapes": ("clip-atlas-shapes", str(SHAPES_WEIGHTS)),
+    **{name: (arch, str(organism_weights(name))) for name, arch in ORGANISMS.items()},
     "shapes-spurious": ("clip-atlas-shapes", str(SPURIOUS_WEIGHTS)),
     "ViT-B-16:openai": ("ViT-B-16-quickgelu", "openai"),
     "ViT-B-32:openai": ("ViT-B-32-quickgelu", "openai"),
@@ -155,7 +164,8 @@ def family_of(arch: str) -> tuple[str, str | None]:
 
 
 def register_configs() -> None:
-    """Make the project's own open_clip configs (the Shapes CLIP) known to open_clip."""
+    """Make the project's own open_clip configs (the Shapes organisms) and timm towers known to open_clip."""
+    register_timm_archs()
     if "clip-atlas-shapes" not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
 
@@ -250,8 +260,10 @@ def load_model(spec: str, device: str | torch.device = "cpu", precision: str = "
         force_quick = False
         if not Path(arch[len("local-dir:"):]).is_dir():
             raise AtlasError(f"no such directory for {arch!r}")
-    if arch == "clip-atlas-shapes" and tag == str(SHAPES_WEIGHTS) and not SHAPES_WEIGHTS.exists():
-        raise AtlasError(f"the Shapes weights are missing at {SHAPES_WEIGHTS}; run `clip-atlas shapes train`")
+    organism = next((n for n, a in ORGANISMS.items() if a == arch and tag == str(organism_weights(n))), None)
+    if organism and not organism_weights(organism).exists():
+        raise AtlasError(f"the weights of {organism} are missing at {organism_weights(organism)}; "
+                         f"run `clip-atlas shapes train --arch {organism}`")
     pretrained = None if random_weights else tag
     looks_like_path = pretrained is not None and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")))
     if looks_like_path and not Path(pretrained).is_file():

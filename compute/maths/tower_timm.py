@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from open_clip.timm_model import TimmModel
-from timm.layers import Attention, AttentionPoolLatent, AttentionRope, LayerScale
+from timm.layers import Attention, AttentionPoolLatent, AttentionRope, GELUTanh, LayerScale, QuickGELU
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
@@ -32,7 +32,7 @@ from compute.maths.trace import (ActivationCache, HeadWrite, Keep, LinearStep, N
                                  ResidualMLPStep, Step, Tower)
 
 _ATTENTIONS = (Attention, EvaAttention, AttentionRope)
-_ELEMENTWISE = (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh)
+_ELEMENTWISE = (nn.GELU, GELUTanh, QuickGELU, nn.SiLU, nn.ReLU, nn.Tanh)
 
 
 def is_timm_tower(visual: nn.Module) -> bool:

@@ -41,6 +41,21 @@ RECIPE_NOTES = """\
 """
 
 
+ZOO_NOTES = """\
+## Recipe
+The base Shapes CLIP's recipe (hard-negative groups of 8, AdamW, warm-up and cosine decay; see
+MODEL_CARD.md) at a tenth of its images: 600 steps of 128 scenes. Every organism of the zoo
+(`shapes-small`, `shapes-deep`, `shapes-p16`, `shapes-siglip`) shares it, so what differs between
+them is the architecture alone. The base Shapes CLIP, trained ten times longer, is on the leaderboard beside
+them for reference; its row says so.
+"""
+
+
+def _tower_line(rec: dict) -> str:
+    t = rec.get("tower")
+    return f"; vision tower {t}" if t else ""
+
+
 def update_card(eval_run: str | None = None, validation: str | None = None, neuron_runs: list[str] | None = None,
                 weights: Path = SHAPES_WEIGHTS) -> Path:
     """Add a run's ground-truth figures, a `shapes validate` report and neuron runs' figures to the training
@@ -66,25 +81,32 @@ def update_card(eval_run: str | None = None, validation: str | None = None, neur
     return write_card(weights)
 
 
+def card_path(weights: Path) -> Path:
+    """MODEL_CARD.md for the base Shapes CLIP, MODEL_CARD-<organism>.md for the others."""
+    organism = json.loads(weights.with_suffix(".json").read_text()).get("organism", "shapes")
+    return weights.parent / ("MODEL_CARD.md" if organism == "shapes" else f"MODEL_CARD-{organism}.md")
+
+
 def write_card(weights: Path) -> Path:
     rec = json.loads(weights.with_suffix(".json").read_text())
     cap, zs, targets = rec["heldout"]["caption"], rec["heldout"]["zero_shot"], rec["targets"]
-    cfg = rec["config"]
+    cfg, arch, organism = rec["config"], rec["model"], rec.get("organism", "shapes")
     lines = [
-        "# Model card: clip-atlas-shapes",
+        f"# Model card: {organism}",
         "",
         "A small CLIP trained from scratch, on CPU, on the synthetic Shapes world (`compute/shapes/world.py`),",
         "so that clip-atlas has a real model to interpret offline and ground truth to check analyses against.",
-        "It is an ordinary open_clip `CLIP` built from `compute/model_configs/clip-atlas-shapes.json`: the",
-        "same VisionTransformer, tokenizer and code paths as the paper models. Load it with `--model shapes`.",
+        f"It is an ordinary open_clip `CLIP` built from `compute/model_configs/{arch}.json`: the",
+        f"same towers, tokenizer and code paths as the public models. Load it with `--model {organism}`.",
         "",
         "| | |",
         "|---|---|",
-        f"| architecture | `clip-atlas-shapes` ({rec['parameters'] / 1e6:.1f} M parameters) |",
-        f"| trained by | `clip-atlas shapes train` (seed {cfg['seed']}) |",
+        f"| architecture | `{arch}` ({rec['parameters'] / 1e6:.1f} M parameters{_tower_line(rec)}) |",
+        f"| loss | {rec.get('loss', 'softmax (CLIP)')} |",
+        f"| trained by | `clip-atlas shapes train --arch {organism}` (seed {cfg['seed']}) |",
         f"| steps x batch | {cfg['steps']} x {cfg['batch_size']} (groups of {cfg['group_size']}) |",
         f"| wall time | {rec['wall_minutes']:.0f} min on 2 CPU cores (shared with other work) |",
-        "| weights | `clip-atlas-shapes.safetensors`, fp16 |",
+        f"| weights | `{weights.name}`, fp16 |",
         "",
         "## Held-out accuracy (1,000 one-object scenes never seen in training)",
         "Caption accuracy: the true caption must beat every caption that differs from it in that attribute alone.",
@@ -123,7 +145,7 @@ def write_card(weights: Path) -> Path:
             lines.append(f"| {r['run']} | {r['neurons']} | {r['clear_neurons']} | {r['clear_precision_at_8']:.3f} | "
                          f"{r['clear_chance']:.3f} | {r['first_text_neurons']} | {r['first_text_precision_at_8']:.3f} | "
                          f"{r['first_text_chance']:.3f} | {r['first_text_above_chance_share']:.0%} |")
-    lines += ["", RECIPE_NOTES]
-    out = weights.parent / "MODEL_CARD.md"
+    lines += ["", RECIPE_NOTES if organism == "shapes" else ZOO_NOTES]
+    out = card_path(weights)
     out.write_text("\n".join(lines))
     return out

@@ -24,15 +24,14 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from compute.models import register_configs
+from compute.organisms import ORGANISMS
 from compute.shapes.accuracy import CAPTION_TARGETS, attribute_accuracy, to_model_input
 from compute.shapes.card import write_card
 from compute.shapes.world import ATTRIBUTES, POSITIONS, Renderer, Scene, WorldSpec, caption
 
-MODEL_NAME = "clip-atlas-shapes"
-
-
 @dataclass
 class TrainConfig:
+    arch: str = "shapes"  # an organism of compute.models.ORGANISMS
     steps: int = 2000
     batch_size: int = 256
     group_size: int = 8
@@ -92,11 +91,21 @@ class BatchMaker:
         return to_model_input(imgs, self.mean, self.std, "cpu"), self._tokens(texts)
 
 
-def build_model():
+#: The zoo's recipe: the base recipe at a tenth of its images (600 x 128 against 2000 x 256), what two CPU cores
+#: train in 10-30 minutes; the organisms of the zoo share it, so size, patch and pool are what differ between them.
+ZOO_RECIPE = dict(steps=600, batch_size=128, eval_every=200)
 
+
+def recipe(arch: str, **overrides) -> TrainConfig:
+    """The recipe an organism was trained with (the base Shapes CLIP: the long one; the zoo: ZOO_RECIPE)."""
+    base = {} if arch == "shapes" else ZOO_RECIPE
+    return TrainConfig(arch=arch, **{**base, **overrides})
+
+
+def build_model(arch: str = "shapes"):
     register_configs()
-    model = open_clip.create_model(MODEL_NAME, pretrained=None)
-    return model, open_clip.get_tokenizer(MODEL_NAME)
+    model = open_clip.create_model(ORGANISMS[arch], pretrained=None)
+    return model, open_clip.get_tokenizer(ORGANISMS[arch])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -107,9 +116,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def clip_loss(model, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's own objective: CLIP's softmax over the batch both ways, or, where the model has a logit bias
+    (SigLIP), the sigmoid loss: every image-text pair an independent binary match, +1 on the diagonal."""
     img = F.normalize(model.encode_image(images), dim=-1)
     txt = F.normalize(model.encode_text(tokens), dim=-1)
     logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
+    if getattr(model, "logit_bias", None) is not None:
+        signs = 2 * torch.eye(len(img)) - 1
+        return -F.logsigmoid(signs * (logits + model.logit_bias)).sum() / len(img)
     target = torch.arange(len(img))
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
@@ -152,10 +166,22 @@ def fit(model, cfg: TrainConfig, batches: Callable[[], tuple[torch.Tensor, torch
             checkpoint(step + 1, loss.item())
 
 
+def describe_tower(visual) -> str:
+    """'6 layers x 8 heads, width 128, patch 8, class token' (or 'attention pool')."""
+    trunk = getattr(visual, "trunk", visual)
+    blocks = getattr(trunk, "blocks", None) or visual.transformer.resblocks
+    attn = blocks[0].attn
+    heads = getattr(attn, "num_heads", None) or attn.num_heads
+    width = getattr(trunk, "embed_dim", None) or visual.transformer.width
+    patch = trunk.patch_embed.patch_size[0] if hasattr(trunk, "patch_embed") else visual.patch_size[0]
+    pool = "attention pool" if getattr(trunk, "global_pool", "") == "map" else "class token"
+    return f"{len(blocks)} layers x {heads} heads, width {width}, patch {patch}, {pool}"
+
+
 def train(cfg: TrainConfig, out: Path, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    model, tokenizer = build_model()
+    model, tokenizer = build_model(cfg.arch)
     pcfg = model.visual.preprocess_cfg
     batches = BatchMaker(cfg, tokenizer, pcfg["mean"], pcfg["std"])
     history, t0 = [], time.time()
@@ -172,7 +198,8 @@ def train(cfg: TrainConfig, out: Path, log=print) -> dict:
     # final figures on the rounded weights, as they will be loaded
     model.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()})
     final = attribute_accuracy(model, tokenizer, n=1000, seed=12345)
-    card = {"model": MODEL_NAME, "config": asdict(cfg), "wall_minutes": wall / 60,
+    card = {"model": ORGANISMS[cfg.arch], "organism": cfg.arch, "config": asdict(cfg), "wall_minutes": wall / 60,
+            "tower": describe_tower(model.visual), "loss": "sigmoid (SigLIP)" if model.logit_bias is not None else "softmax (CLIP)",
             "heldout": final, "targets": CAPTION_TARGETS, "history": history,
             "parameters": sum(p.numel() for p in model.parameters())}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
