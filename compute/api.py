@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 import numpy as np
 import pandas as pd
@@ -38,10 +38,11 @@ from PIL import Image
 
 from compute import checks
 from compute.errors import AtlasError
-from compute.eval.ablation import accuracy, mean_ablate
+from compute.eval.ablation import HeadScores, accuracy, mean_ablate
+from compute.eval.head_search import gap_shares
 from compute.headnames import head_name
 from compute.images import BadImage, load_image
-from compute.maths.decompose import Decomposition, resolve_layers
+from compute.maths.decompose import Decomposition, component_layout, resolve_layers
 from compute.maths.describe import rank_texts, span_scores
 from compute.maths.neurons import SecondOrder
 from compute.maths.segment import contrastive, heatmap, which_heads
@@ -180,6 +181,29 @@ class Intervention:
     ablated: np.ndarray               # [N, C] the same with the heads at their mean
     texts: np.ndarray                 # [C, D] prompt embeddings
     head_means: np.ndarray            # [len(heads), C] each ablated head's mean score over the run's images
+
+
+class StoredScores(NamedTuple):
+    """A run's stored vectors scored against texts, rows sorted by image_id."""
+    ids: np.ndarray                   # [N]
+    base: np.ndarray                  # [N, C] embedding . text
+    heads: np.ndarray                 # [len(heads), N, C]
+    components: np.ndarray | None     # [N, K, C] (component_layout order), when asked
+
+
+@dataclass
+class MarginGap:
+    """Where the gap in zero-shot margin between two labels lives (`Run.margin_gap`)."""
+    worse: str
+    better: str
+    worse_accuracy: float
+    better_accuracy: float
+    gap: float                        # mean margin of the worse label's images minus the better's
+    heads: float                      # share of the gap the attention heads carry (all layers)
+    mlp: float                        # share the MLPs carry: no head ablation removes it
+    rest: float                       # embedding, biases, norms
+    layers: pd.DataFrame              # layer, part (attn, attn_bias, mlp), share
+    every_head: pd.DataFrame          # layer, head, share (stored layers), largest share first
 
 
 @dataclass
@@ -350,7 +374,7 @@ class Run:
                              "for zero-shot accuracy")
         prompts = fill_template(template, classes)
         T = self.model.encode_texts(prompts).double().cpu().numpy()
-        ids, base, per_head = self._stored_scores(heads, T)
+        ids, base, per_head, _ = self._stored_scores(heads, T)
         stored_means = self.store.head_means(self.info)
         means = np.stack([stored_means[lh] for lh in heads]) @ T.T if heads else np.zeros((0, len(T)))
         ablated = mean_ablate(base, per_head, means)      # heads at their mean over every image of the run
@@ -364,17 +388,60 @@ class Run:
         table["change"] = table["ablated"] - table["base"]
         return Intervention(heads, classes, prompts, table, ids[want], base[want], ablated[want], T, means)
 
-    def _stored_scores(self, heads: list[tuple[int, int]], T: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(image_ids sorted, embedding . T [N, C], each head's contribution . T [len(heads), N, C]), streamed
-        over the run's chunks: memory is classes-wide, not D-wide."""
-        ids, base, per = [], [], []
-        for chunk in iter_chunks(RunStore(self.info.path), heads):
+    def _stored_scores(self, heads: list[tuple[int, int]], T: np.ndarray, components: bool = False) -> StoredScores:
+        """Every stored image's scores against the texts T, sorted by image_id, streamed over the run's chunks:
+        memory is classes-wide, not D-wide."""
+        ids, base, per, comps = [], [], [], []
+        for chunk in iter_chunks(RunStore(self.info.path), heads, components=components):
             ids.append(chunk.ids)
             base.append(chunk.embedding.astype(np.float64) @ T.T)
             per.append(chunk.heads.astype(np.float64) @ T.T if heads else np.zeros((0, len(chunk.ids), len(T))))
+            if components:
+                comps.append(chunk.components.astype(np.float64) @ T.T)
         ids = np.concatenate(ids)
         order = np.argsort(ids, kind="stable")
-        return ids[order], np.concatenate(base)[order], np.concatenate(per, axis=1)[:, order]
+        return StoredScores(ids[order], np.concatenate(base)[order], np.concatenate(per, axis=1)[:, order],
+                            np.concatenate(comps)[order] if components else None)
+
+    def margin_gap(self, worse: str | None = None, better: str | None = None,
+                   template: str | None = None) -> MarginGap:
+        """Where the gap between two labels lives: the mean zero-shot margin (the true class's score minus the best
+        other class's) of the `worse` label's images minus the `better` label's (default: the labels the model
+        classifies worst and best), split over every component of the decomposition and every stored head, from
+        the store alone (eval/head_search.py, `gap_shares`). Heads and layers with a large share carry the gap;
+        an MLP's share is one no head ablation can remove."""
+        template = template or zero_shot_template(self.model.info.architecture)
+        labelled = [(i, lab) for i, _, lab in self.store.gallery(self.info, limit=self.store.image_count(self.info))
+                    if lab is not None]
+        classes = sorted({lab for _, lab in labelled})
+        if len(classes) < 2:
+            raise AtlasError(f"{self.info.name} needs images with at least two labels for a margin gap")
+        for name, lab in (("worse", worse), ("better", better)):
+            if lab is not None and lab not in classes:
+                raise AtlasError(f"{name} label {lab!r} is not one of the run's labels")
+        T = self.model.encode_texts(fill_template(template, classes)).double().cpu().numpy()
+        man = self.info.manifest
+        pairs = [(l, h) for l in man["head_layers"] for h in range(man["heads"])]
+        sc = self._stored_scores(pairs, T, components=True)
+        label_of = dict(labelled)
+        rows = np.flatnonzero(np.isin(sc.ids, list(label_of)))
+        y = np.array([classes.index(label_of[int(i)]) for i in sc.ids[rows]])
+        per = accuracy(sc.base[rows], y, y, classes)["groups"]
+        worse = worse or min(per, key=per.get)
+        better = better or max(per, key=per.get)
+        if worse == better:
+            raise AtlasError("pick two different labels to compare")
+        L, H = len(man["head_layers"]), man["heads"]
+        hs = HeadScores(sc.base, sc.heads.reshape(L, H, *sc.heads.shape[1:]).transpose(2, 0, 1, 3),
+                        list(man["head_layers"]), np.arange(len(sc.ids)), torch.from_numpy(T), sc.components,
+                        component_layout(man["layers"])[0])
+        sh = gap_shares(hs, rows, y, y, classes.index(worse), classes.index(better), top=8)
+        layers = pd.DataFrame([(c["layer"], c["kind"], c["share"]) for c in sh["components"] if c["layer"] is not None],
+                              columns=["layer", "part", "share"])
+        heads = pd.DataFrame([(c["layer"], c["head"], c["share"]) for c in sh["every_head"]],
+                             columns=["layer", "head", "share"]).sort_values("share", ascending=False, key=abs)
+        return MarginGap(worse, better, per[worse], per[better], sh["gap"], sh["heads"], sh["mlp"], sh["rest"],
+                         layers, heads.reset_index(drop=True))
 
     def class_scores(self, image: ImageLike, intervention: Intervention) -> pd.DataFrame:
         """One image's scores for the intervention's classes: class, base, ablated (image . prompt)."""

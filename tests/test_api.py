@@ -172,6 +172,38 @@ def test_intervene_matches_the_live_ablation_experiment(run, shapes_store):
     assert np.allclose(stored[["base", "ablated"]], live[["base", "ablated"]], atol=1e-4)
 
 
+def test_margin_gap_splits_exactly_over_components_and_heads(run):
+    """The gap between two labels' mean margins is a sum over components; the shares say who carries it. Reference:
+    plain numpy over the stored vectors, margins against each image's best other class as is."""
+    g = run.margin_gap()
+    iv = run.intervene([])
+    per = iv.accuracy.set_index("label")["base"].drop("all images")
+    assert g.worse == per.idxmin() and g.better == per.idxmax()
+    assert np.isclose(g.heads + g.mlp + g.rest, 1.0)
+    # the layer parts: attn shares sum to the heads' share, mlp shares to the MLPs'
+    assert np.isclose(g.layers[g.layers.part == "attn"].share.sum(), g.heads)
+    assert np.isclose(g.layers[g.layers.part == "mlp"].share.sum(), g.mlp)
+    # every stored head of a layer sums to that layer's attention share (out-projection bias apart)
+    for layer in (2, 5):
+        assert np.isclose(g.every_head[g.every_head.layer == layer].share.sum(),
+                          g.layers[(g.layers.layer == layer) & (g.layers.part == "attn")].share.iloc[0], atol=1e-6)
+    # the total gap by hand
+    classes = iv.classes
+    labels = run.images().set_index("image_id").loc[iv.image_ids].label.to_numpy()
+    y = np.array([classes.index(lab) for lab in labels])
+    s = iv.base.copy()
+    true = s[np.arange(len(y)), y]
+    s[np.arange(len(y)), y] = -np.inf
+    margin = true - s.max(1)
+    gap = margin[y == classes.index(g.worse)].mean() - margin[y == classes.index(g.better)].mean()
+    assert np.isclose(g.gap, gap, rtol=1e-4)
+    assert g.gap < 0
+    other = run.margin_gap(worse=g.better, better=g.worse)
+    assert np.isclose(other.gap, -g.gap, rtol=1e-4)
+    with pytest.raises(AtlasError, match="not one of the run's labels"):
+        run.margin_gap(worse="unicorn")
+
+
 def test_errors_are_one_line(run, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"no image here")

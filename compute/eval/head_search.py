@@ -35,6 +35,7 @@ import numpy as np
 
 from compute.eval.ablation import GroupedSet, HeadScores, ablated_scores, accuracy, head_scores
 from compute.headnames import head_name
+from compute.maths.decompose import component_layout
 from compute.models import LoadedModel
 
 SPLIT = 0.5
@@ -128,10 +129,17 @@ def gap_shares(hs: HeadScores, idx: np.ndarray, y: np.ndarray, g: np.ndarray, wo
     attn_all = float(sum(c for c, k in zip(comps, kinds) if k == "attn")) if comps is not None else float(heads.sum())
     share = (lambda v: v / total if total else float("nan"))
     order = np.argsort(heads / total if total else np.abs(heads), axis=None)[::-1][:top]
+    per_component = []
+    if comps is not None:
+        _, comp_layers = component_layout(sum(k == "attn" for k in kinds))
+        per_component = [{"kind": k, "layer": l, "share": share(float(c))} for k, l, c in zip(kinds, comp_layers, comps)]
     return {"gap": total, "heads": share(attn_all), "stored_heads": share(float(heads.sum())), "mlp": share(mlp),
             "rest": share(total - attn_all - (mlp if mlp == mlp else 0.0)),
             "top_heads": [{"head": head_name(hs.layers[i // heads.shape[1]], i % heads.shape[1]),
-                           "share": share(float(heads.flat[i]))} for i in order]}
+                           "share": share(float(heads.flat[i]))} for i in order],
+            "components": per_component,
+            "every_head": [{"layer": hs.layers[l], "head": h, "share": share(float(heads[l, h]))}
+                           for l in range(heads.shape[0]) for h in range(heads.shape[1])]}
 
 
 def run_search(loaded: LoadedModel, data: GroupedSet, hs: HeadScores | None = None, seed: int = 0,

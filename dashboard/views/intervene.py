@@ -8,7 +8,7 @@ from compute.maths.segment import heatmap
 from compute.render import symmetric_range
 from compute.texts import zero_shot_template
 from dashboard import charts, live
-from dashboard.common import (api_run, download_csv, intervention, param, pick_image, pick_opacity, set_params,
+from dashboard.common import (api_run, download_csv, intervention, margin_gap, param, pick_image, pick_opacity, set_params,
                               show_errors, show_heatmap, show_image, start_page, plain)
 
 MAX_LABELS = 16      # labels charted (the largest changes); the CSV has them all
@@ -61,6 +61,38 @@ with show_errors():
                                        f"Accuracy per label: {len(shown)} of {len(per_label)}, largest change first"),
                     width="stretch")
     download_csv(iv.accuracy, "accuracy per label")
+
+    st.divider()
+    st.subheader("Where the gap between two labels lives")
+    st.caption("The mean zero-shot margin (the true class's score minus the best other class's) of one label's images "
+               "minus another's, split over every part of the decomposition. Heads and layers with a large share "
+               "carry the gap; what the MLPs carry, no head ablation can remove.")
+    per = iv.accuracy.iloc[1:].set_index("label")["base"]
+    labels = list(per.index)
+    if len(labels) > 1:
+        g1, g2 = st.columns(2)
+        wanted = param("gw", per.idxmin())
+        worse = g1.selectbox("Images of", labels, index=labels.index(wanted) if wanted in labels else
+                             labels.index(per.idxmin()), key="gworse")
+        others = [c for c in labels if c != worse]
+        wanted = param("gb", per.drop(worse).idxmax())
+        better = g2.selectbox("against images of", others, index=others.index(wanted) if wanted in others else
+                              others.index(per.drop(worse).idxmax()), key="gbetter")
+        set_params(gw=worse, gb=better)
+        gap = margin_gap(str(s.root), run.name, run.manifest.get("finished_at", 0.0), worse, better, template)
+        k1, k2, k3, k4 = st.columns(4)
+        k1.metric("margin gap", f"{gap.gap:+.4f}", help=f"accuracy {gap.worse_accuracy:.0%} against {gap.better_accuracy:.0%}")
+        k2.metric("carried by heads", f"{gap.heads:.0%}")
+        k3.metric("by MLPs", f"{gap.mlp:.0%}")
+        k4.metric("by the rest", f"{gap.rest:.0%}", help="embedding, attention biases, norms' constants")
+        c1, c2 = st.columns([3, 2])
+        c1.altair_chart(charts.gap_by_layer(gap.layers, f"{worse[:40]} against {better[:40]}: per layer"),
+                        width="stretch")
+        top = gap.every_head.head(10)
+        top = top.assign(name=[head_name(l, h) for l, h in zip(top["layer"], top["head"])])
+        c2.dataframe(top[["name", "share"]].rename(columns={"name": "head"}), hide_index=True, width="stretch",
+                     column_config={"share": st.column_config.NumberColumn("share of the gap", format="percent")})
+        download_csv(gap.every_head, "gap share per head")
 
     st.divider()
     st.subheader("One image")
