@@ -1,12 +1,39 @@
 """Altair charts used by the pages (presentation only)."""
 from __future__ import annotations
 
+import zlib
+
 import altair as alt
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from compute.render import colormap
+
+
+# One colour per property or attribute on every page (atlas, ground truth, compare, leaderboard): the Shapes
+# attributes and the general pool's tags in a fixed order, a plural sharing its singular's colour ("colors" and
+# "color"); names outside the list by a stable hash; heads without a label grey.
+_PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
+            "#a0cbe8", "#ffbe7d", "#8cd17d", "#b6992d", "#f1ce63", "#499894", "#86bcb6", "#d37295", "#fabfd2",
+            "#d4a6c8", "#79706e"]
+_KNOWN = ["color", "shape", "pattern", "size", "position", "background", "location", "animal", "texture", "material",
+          "object", "scene", "people", "food", "plant", "vehicle", "bird", "weather", "lighting", "letter"]
+_NEUTRAL = {"unlabelled": "#bab0ac", "mixed": "#d7d7d7"}
+
+
+def property_colour(name: str) -> str:
+    if name in _NEUTRAL:
+        return _NEUTRAL[name]
+    key = name[:-1] if name.endswith("s") and name[:-1] in _KNOWN else name
+    i = _KNOWN.index(key) if key in _KNOWN else zlib.crc32(key.encode()) % len(_PALETTE)
+    return _PALETTE[i % len(_PALETTE)]
+
+
+def property_scale(names) -> alt.Scale:
+    """A colour scale whose colours do not depend on which names a chart happens to show."""
+    domain = sorted(set(names), key=lambda n: (n in _NEUTRAL, n))
+    return alt.Scale(domain=domain, range=[property_colour(n) for n in domain])
 
 
 def property_grid(rows: list[tuple[int, int, str, float]], title: str = "Head properties",
@@ -18,7 +45,7 @@ def property_grid(rows: list[tuple[int, int, str, float]], title: str = "Head pr
         chart = chart.add_params(alt.selection_point(name="cell", fields=["layer", "head"], on="click"))
     return chart.mark_rect(stroke="white", cursor="pointer" if clickable else "default").encode(
         x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"),
-        color=alt.Color("property:N", scale=alt.Scale(scheme="tableau20")),
+        color=alt.Color("property:N", scale=property_scale(df["property"])),
         opacity=alt.Opacity("confidence:Q", scale=alt.Scale(domain=[0, 1], range=[0.35, 1]), legend=None),
         tooltip=["layer", "head", "property", alt.Tooltip("confidence:Q", format=".2f")],
     ).properties(height=alt.Step(28), width=alt.Step(28))
@@ -30,7 +57,7 @@ def specialisation_grid(rows: list[tuple[int, int, str, float, bool]]) -> alt.Ch
     best["label"] = np.where(best["specialised"], best["attribute"], "mixed")
     return alt.Chart(best, title="Ground truth: the attribute each head specialises in").mark_rect(stroke="white").encode(
         x="head:O", y=alt.Y("layer:O", sort="descending"),
-        color=alt.Color("label:N", scale=alt.Scale(scheme="tableau10"), title="attribute"),
+        color=alt.Color("label:N", scale=property_scale(best["label"]), title="attribute"),
         tooltip=["layer", "head", "attribute", alt.Tooltip("lift:Q", format=".2f"), "specialised"],
     ).properties(height=alt.Step(28), width=alt.Step(28))
 
@@ -50,8 +77,22 @@ def layer_effects(rows: list[tuple], run_names: list[str]) -> alt.Chart:
     df["effect"] = 1 - df["value"]
     df["part"] = df["metric"].str.replace("ablation_cosine_", "", regex=False)
     return alt.Chart(df, title="Direct effect per layer (1 - cosine kept under mean-ablation)").mark_line(point=True).encode(
-        x="layer:O", y=alt.Y("effect:Q", title="1 - cosine"), color="run:N", strokeDash="part:N",
+        x="layer:O", y=alt.Y("effect:Q", title="1 - cosine"), color="run:N",
+        strokeDash=alt.StrokeDash("part:N", title="part (attn solid, mlp dashed)",
+                                  scale=alt.Scale(domain=["attn", "mlp"], range=[[1, 0], [6, 4]]),
+                                  legend=alt.Legend(symbolType="stroke", symbolStrokeColor="#333", symbolSize=400)),
         tooltip=["run", "part", "layer", alt.Tooltip("effect:Q", format=".4f")])
+
+
+def metric_by_size(df: pd.DataFrame, metric: str, title: str) -> alt.Chart:
+    """One point per run: the metric against the vision tower's parameters (log scale), by family and pool."""
+    data = df[["run", "model", "family", "pool", "layers x heads", "parameters", metric]].rename(columns={metric: "value"})
+    return alt.Chart(data, title=f"{title} against model size").mark_point(size=90, filled=True).encode(
+        x=alt.X("parameters:Q", scale=alt.Scale(type="log"), title="vision tower parameters (log scale)"),
+        y=alt.Y("value:Q", title=title, scale=alt.Scale(zero=False)),
+        color=alt.Color("family:N"), shape=alt.Shape("pool:N"),
+        tooltip=["run", "model", "family", "pool", "layers x heads", alt.Tooltip("parameters:Q", format=",.0f"),
+                 alt.Tooltip("value:Q", format=".3f", title=title)])
 
 
 def variance_box(rows: list[tuple]) -> alt.Chart:
@@ -63,7 +104,7 @@ def variance_box(rows: list[tuple]) -> alt.Chart:
 def property_counts(rows: list[tuple[str, str]]) -> alt.Chart:
     df = pd.DataFrame(rows, columns=["run", "property"])
     return alt.Chart(df, title="Heads per property").mark_bar().encode(
-        x=alt.X("count():Q", title="heads"), y=alt.Y("run:N"), color=alt.Color("property:N", scale=alt.Scale(scheme="tableau20")),
+        x=alt.X("count():Q", title="heads"), y=alt.Y("run:N"), color=alt.Color("property:N", scale=property_scale(df["property"])),
         tooltip=["run", "property", "count()"])
 
 
@@ -103,6 +144,17 @@ def paired_bars(df: pd.DataFrame, key: str, before: str, after: str, x_title: st
         color=alt.Color("condition:N", sort=[before, after], scale=alt.Scale(range=["#9aa5b1", "#c0392b"]),
                         title=None, legend=alt.Legend(orient="top")),
         tooltip=[key, "condition", alt.Tooltip("value:Q", format=fmt)])
+
+
+def gap_by_layer(layers: pd.DataFrame, title: str) -> alt.Chart:
+    """Share of a margin gap per layer and part (attention heads, their bias, the MLP), as grouped bars."""
+    parts = ["attn", "attn_bias", "mlp"]
+    return alt.Chart(layers, title=title).mark_bar().encode(
+        x=alt.X("layer:O"), xOffset=alt.XOffset("part:N", sort=parts),
+        y=alt.Y("share:Q", title="share of the gap", axis=alt.Axis(format="%")),
+        color=alt.Color("part:N", sort=parts, scale=alt.Scale(domain=parts, range=["#4e79a7", "#a0cbe8", "#f28e2b"]),
+                        legend=alt.Legend(orient="top", title=None)),
+        tooltip=["layer", "part", alt.Tooltip("share:Q", format=".1%")])
 
 
 def text_scores(df: pd.DataFrame) -> alt.Chart:

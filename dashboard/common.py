@@ -22,6 +22,7 @@ from dashboard import live
 from dashboard.charts import colour_bar
 
 DISPLAY_PX = 256
+MAPS_PER_ROW = 4
 
 
 def store_root() -> Path:
@@ -52,6 +53,13 @@ def intervention(root: str, run_name: str, stamp: float, heads: tuple, template:
     """`Run.intervene`, cached per run (and its finish time), heads and template."""
     s = store(root)
     return api_run(s, s.run(run_name)).intervene(list(heads), template)
+
+
+@st.cache_data(max_entries=16, show_spinner="Splitting the gap over the decomposition ...")
+def margin_gap(root: str, run_name: str, stamp: float, worse: str, better: str, template: str | None) -> api.MarginGap:
+    """`Run.margin_gap`, cached per run (and its finish time), labels and template."""
+    s = store(root)
+    return api_run(s, s.run(run_name)).margin_gap(worse, better, template)
 
 
 def show_hits(s: Store, run: RunInfo, hits, score_name: str = "dot product", name: str = "results") -> None:
@@ -250,8 +258,10 @@ def gallery_grid(s: Store, run: RunInfo, key: str) -> int | None:
                     show_image(Image.open(full_path(run, path)).convert("RGB"), px=96)
                 except OSError:
                     st.caption(f"missing {path}")
-                if st.button(lab or Path(path).name, key=f"{key}_pick_{image_id}", help=path,
-                             type="primary" if image_id == picked else "secondary"):
+                # the name as a caption (it wraps); a short button, so a narrow column never truncates it
+                st.caption(plain(lab or Path(path).name, 60))
+                if st.button("Picked" if image_id == picked else "Pick", key=f"{key}_pick_{image_id}", help=path,
+                             type="primary" if image_id == picked else "secondary", width="stretch"):
                     picked = image_id
         st.caption(f"{total} images" + (f" with label {plain(label)}" if label else "") +
                    (f" matching “{search.strip()}”" if search.strip() else ""))
@@ -380,10 +390,13 @@ def show_which_heads(image: Image.Image, shares: list, alpha: float, name: str) 
     tiles = [enlarged(overlay(image, h.heat, lo, hi, alpha), 128) for h, (lo, hi) in zip(shown, ranges)]
     captions = [f"{head_name(h.layer, h.head)} · {h.share:+.1%}" + (f" · ±{hi:.3g}" if own else "")
                 for h, (_, hi) in zip(shown, ranges)]
-    st.image(tiles, caption=captions, width=128)
+    for start in range(0, len(tiles), MAPS_PER_ROW):        # full rows of four: 8 maps are 4 + 4, never 7 + 1
+        cols = st.columns(MAPS_PER_ROW)
+        for col, tile, cap in zip(cols, tiles[start:start + MAPS_PER_ROW], captions[start:start + MAPS_PER_ROW]):
+            col.image(tile, caption=cap, width=128)
     if not own:
         show_scale(*ranges[0])
-    download_png(contact_sheet(tiles, captions), "these maps", name)
+    download_png(contact_sheet(tiles, captions, MAPS_PER_ROW), "these maps", name)
     download_csv(pd.DataFrame([(h.layer, h.head, h.score, h.share) for h in shares],
                               columns=["layer", "head", "score", "share"]), name)
 
