@@ -1,6 +1,7 @@
-"""A SigLIP tower (attention-pool head; random weights, the offline tokenizer) through the whole pipeline: the CLI's
-jobs, both experiments, the API and every dashboard page. The decomposition's exactness is tested in
-test_towers.py; here every step must run on such a tower and give well-formed results."""
+"""Each timm tower family (SigLIP and SigLIP 2 with attention-pool heads and the offline tokenizer, EVA02 with its
+rotary embeddings, sub-LN and SwiGLU, PE-Core with EVA blocks and an attention pool; random weights) through the
+whole pipeline: the CLI's jobs, both experiments, the API and every dashboard page. The decomposition's exactness is
+tested in test_towers.py; here every step must run on each tower and give well-formed results."""
 from __future__ import annotations
 
 import csv
@@ -12,11 +13,13 @@ import pytest
 
 from compute.cli import main
 
-SPEC = "ViT-B-16-SigLIP:random"
+#: spec -> (family, pool type, tokens before the patch grid)
+TOWERS = {"ViT-B-16-SigLIP:random": ("timm ViT", "map", 0), "ViT-B-16-SigLIP2:random": ("timm ViT", "map", 0),
+          "EVA02-B-16:random": ("timm EVA", "tok", 1), "PE-Core-B-16:random": ("timm EVA", "map", 1)}
 
 
-@pytest.fixture(scope="module")
-def siglip_store(tmp_path_factory, shapes_dir):
+@pytest.fixture(scope="module", params=list(TOWERS))
+def tower_store(request, tmp_path_factory, shapes_dir):
     root = tmp_path_factory.mktemp("siglip")
     data = shapes_dir
     pool = root / "pool.csv"
@@ -25,30 +28,39 @@ def siglip_store(tmp_path_factory, shapes_dir):
                                  ("stripes", "patterns"), ("dots", "patterns"), ("sand", "textures"),
                                  ("water", "textures"), ("the top left", "locations"), ("the bottom right", "locations")])
     store = root / "store"
-    run = store / "siglip"
-    assert main(["compute", "--model", SPEC, "--images", str(data), "--out", str(run), "--layers", "last2",
+    run = store / "tower"
+    assert main(["compute", "--model", request.param, "--images", str(data), "--out", str(run), "--layers", "last2",
                  "--batch-size", "4", "--limit", "8"]) == 0
     assert main(["textspan", str(run), "--texts", str(pool), "--m", "3"]) == 0
     assert main(["label", str(run)]) == 0
     assert main(["metrics", str(run)]) == 0
     assert main(["index", str(run)]) == 0
-    return store, run, data
+    return store, run, data, request.param
 
 
-def test_the_store_records_the_tower(siglip_store):
-    _, run, _ = siglip_store
+def test_the_store_records_the_tower(tower_store, capsys):
+    _, run, _, spec = tower_store
+    family, pool, prefix = TOWERS[spec]
     m = json.loads((run / "manifest.json").read_text())
-    assert m["status"] == "complete" and m["family"] == "timm ViT" and m["pool_type"] == "map"
-    assert m["prefix_tokens"] == 0 and m["image_count"] == 8
+    assert m["status"] == "complete" and m["family"] == family and m["pool_type"] == pool
+    assert m["prefix_tokens"] == prefix and m["image_count"] == 8
+    assert m["parameters"] > 1e6 and m["training"] == "random weights"
     share = pq.read_table(run / "images", columns=["pool_mlp_share"]).column("pool_mlp_share").to_numpy()
-    assert np.isfinite(share).all()
+    # the share through an attention pool's MLP; a class-token tower has no pool MLP, so no share
+    assert np.isfinite(share).all() if pool == "map" else np.isnan(share).all()
+    # neurons are not traced for timm towers yet: a one-line refusal that says why, nothing written
+    capsys.readouterr()
+    assert main(["neurons", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot compute neuron effects") and "\n" not in err
+    assert not (run / "neurons").exists()
     assert (run / "textspan.parquet").is_file() and (run / "properties.parquet").is_file()
 
 
-def test_experiments_run_on_the_tower(siglip_store, tmp_path):
-    _, run, data = siglip_store
+def test_experiments_run_on_the_tower(tower_store, tmp_path):
+    _, run, data, spec = tower_store
     out = tmp_path / "seg.csv"
-    assert main(["eval", "segmentation", "--model", SPEC, "--images", str(data / "images"), "--masks",
+    assert main(["eval", "segmentation", "--model", spec, "--images", str(data / "images"), "--masks",
                  str(data / "masks"), "--labels", str(data / "objects.csv"), "--limit", "4", "--out", str(out)]) == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
@@ -61,14 +73,14 @@ def test_experiments_run_on_the_tower(siglip_store, tmp_path):
     with open(classes, "w", newline="") as f:
         csv.writer(f).writerows([("label", "prompt")] + [(c, f"a {c}") for c in sorted({r["label"] for r in labels})])
     report = tmp_path / "ablation.json"
-    assert main(["eval", "ablation", "--model", SPEC, "--images", str(data), "--groups", str(groups),
+    assert main(["eval", "ablation", "--model", spec, "--images", str(data), "--groups", str(groups),
                  "--classes", str(classes), "--ablate", "L11.H0,L10.H3", "--out", str(report)]) == 0
     assert {c["name"] for c in json.loads(report.read_text())["conditions"]} == {"base", "random", "property"}
 
 
-def test_the_api_answers_on_the_tower(siglip_store):
+def test_the_api_answers_on_the_tower(tower_store):
     from compute import api
-    _, run, data = siglip_store
+    _, run, data, _ = tower_store
     r = api.open_run(run)
     image = sorted((data / "images").glob("*.png"))[0]
     heat = r.segment(image, "a red circle")
@@ -78,9 +90,9 @@ def test_the_api_answers_on_the_tower(siglip_store):
     assert r.describe(image).texts.shape[0] > 0
 
 
-def test_every_dashboard_page_renders_on_the_tower(siglip_store):
+def test_every_dashboard_page_renders_on_the_tower(tower_store):
     from tests.test_dashboard import PAGES, app
-    store, _, _ = siglip_store
+    store, _, _, _ = tower_store
     for page in PAGES:
         at = app(store, page)
         assert not at.exception, (page, at.exception)
