@@ -140,6 +140,14 @@ def _shapes_validate(a: argparse.Namespace) -> None:
     print(f"report: {Path(a.out) / 'report.json'}")
 
 
+def _shapes_zoo(a: argparse.Namespace) -> None:
+    from compute.shapes.zoo import format_report, run_zoo
+    _check_out(a.out, "folder")
+    report = run_zoo(a.out, seeds=tuple(range(a.seed_base, a.seed_base + a.seeds)), n=a.n)
+    print(format_report(report))
+    print(f"report: {Path(a.out) / 'zoo.json'}")
+
+
 def _textspan(a: argparse.Namespace) -> None:
     from compute.jobs.textspan import run_textspan
     m = run_textspan(a.run, a.texts, m=a.m, rank=a.rank, layers=a.layers, device=a.device)
@@ -202,8 +210,9 @@ def _demo(a: argparse.Namespace) -> None:
 
 
 def _shapes_card(a: argparse.Namespace) -> None:
+    from compute.models import organism_weights
     from compute.shapes.card import update_card
-    print(f"wrote {update_card(a.eval, a.validation, a.neurons)}")
+    print(f"wrote {update_card(a.eval, a.validation, a.neurons, weights=organism_weights(a.arch))}")
 
 
 def _at_least(low: int):
@@ -366,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n", type=POSITIVE, default=2000, help="scenes per seed")
     v.add_argument("--seed-base", type=NONNEGATIVE, default=101, help="first seed (training, demo and tuning used 0 and 11-13)")
     v.add_argument("--out", default="artifacts/shapes-validate")
+    z = _command(s, "zoo", "every organism on fresh seeds: each leaderboard metric against ground truth (docs/metrics.md)",
+                 _shapes_zoo)
+    z.add_argument("--seeds", type=POSITIVE, default=3)
+    z.add_argument("--n", type=POSITIVE, default=1000, help="scenes per seed")
+    z.add_argument("--seed-base", type=NONNEGATIVE, default=701, help="first seed (the plan in docs/metrics.md: 701-703)")
+    z.add_argument("--out", default="artifacts/shapes-zoo")
     sp = _command(s, "spurious", "Waterbirds on Shapes: ablate the background heads of a model with a spurious cue",
                   _shapes_spurious)
     sp.add_argument("--seed", type=NONNEGATIVE, default=1,
@@ -376,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--retrain", action="store_true", help="fine-tune the spurious model again (about 10 min on CPU)")
     sp.add_argument("--out", default="artifacts/shapes-spurious")
     cd = _command(s, "card", "rewrite the model card (optionally with a run's ground-truth figures)", _shapes_card)
+    cd.add_argument("--arch", default="shapes", choices=list(ORGANISMS), help="whose card (default: the base Shapes CLIP)")
     cd.add_argument("--eval", default=None, help="a run evaluated by `shapes eval`")
     cd.add_argument("--validation", default=None, help="a report.json written by `shapes validate`")
     cd.add_argument("--neurons", nargs="*", default=None, help="Shapes runs with neuron tables: their ground-truth figures")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from compute.errors import AtlasError
+from compute.organisms import ZOO
 from compute.shapes.pipeline import build_shapes_store
 
 DEMO_RUN = "shapes-demo"
@@ -17,11 +18,19 @@ SECOND_RUN = "shapes-spurious-demo"
 SECOND_DATA = "shapes-spurious-demo-data"
 
 
-def build_demo_store(store: str | Path = "artifacts", n: int = 2000, progress: bool = True) -> Path:
-    """The demo store: seed 0 scenes through the Shapes CLIP, seed 1 scenes through the spurious-cue organism,
-    every step with the CLI's defaults. Returns the main run."""
+#: The zoo (`compute.organisms.ZOO`): each organism on the demo's own scenes, a run named ORGANISM-demo.
+ZOO_SHARE = 2
+
+
+def build_demo_store(store: str | Path = "artifacts", n: int = 2000, progress: bool = True, zoo: bool = True) -> Path:
+    """The demo store: seed 0 scenes through the Shapes CLIP; with `zoo`, the first n / ZOO_SHARE of the same scenes
+    through every organism of the zoo, so the leaderboard ranks architectures on one set of images; seed 1 scenes
+    through the spurious-cue organism. Every step with the CLI's defaults. Returns the main run."""
     store = Path(store)
     run = build_shapes_store(store / DEMO_DATA, store / DEMO_RUN, n, seed=0, progress=progress)
+    for organism in ZOO if zoo else ():
+        build_shapes_store(store / DEMO_DATA, store / f"{organism}-demo", n, seed=0, model=organism,
+                           limit=max(50, n // ZOO_SHARE), progress=progress)
     build_shapes_store(store / SECOND_DATA, store / SECOND_RUN, max(50, n // 4), seed=1, model="shapes-spurious",
                        progress=progress)
     return run

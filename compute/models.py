@@ -9,6 +9,7 @@ import contextlib
 import functools
 import gc
 import io
+import json
 import logging
 import os
 import socket
@@ -87,6 +88,8 @@ class ModelInfo:
     pool_type: str                  # tok | avg | map (an attention-pool head)
     family: str = "open_clip ViT"   # the tower family (compute.maths.towers.FAMILIES)
     prefix_tokens: int = 1          # tokens before the patch grid (a class token, registers)
+    parameters: int = 0             # the vision tower's parameters
+    training: str = ""              # what the weights were trained on, as far as the registry knows
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,7 +211,25 @@ def _info(spec: str, arch: str, tag: str, random_weights: bool, model) -> ModelI
         spec=spec, architecture=arch, tag=tag, random_weights=random_weights, layers=t.n_layers, heads=t.n_heads,
         width=t.width, embed_dim=t.embed_dim, grid=tuple(t.grid), image_size=tuple(t.image_size),
         pool_type=t.pool_type, family=t.family, prefix_tokens=t.prefix,
+        parameters=sum(p.numel() for p in model.visual.parameters()), training=training_data(spec, tag, random_weights),
     )
+
+
+def training_data(spec: str, tag: str | None, random_weights: bool) -> str:
+    """One line on what the weights saw: an organism's recipe from its training record, else the pretrained tag
+    (open_clip's tags name the dataset), a checkpoint file's name, or 'random weights'."""
+    if random_weights:
+        return "random weights"
+    name = spec.partition(":")[0]
+    if name in ORGANISMS or name == "shapes-spurious":
+        record = Path(str(tag)).with_suffix(".json")
+        try:
+            rec = json.loads(record.read_text())
+            cfg = rec["config"]
+            return f"Shapes world, {cfg['steps']} x {cfg['batch_size']} scenes" + (" (fine-tuning)" if "base" in rec else "")
+        except (OSError, ValueError, KeyError):
+            return "Shapes world"
+    return Path(tag).name if tag and os.sep in tag else (tag or "")
 
 
 class OfflineTokenizer:

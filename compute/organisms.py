@@ -12,5 +12,5 @@ ORGANISMS: dict[str, str] = {
     "shapes-siglip": "clip-atlas-shapes-map",
 }
 
-#: The organisms of the zoo: the base recipe at a tenth of its images, so that only the architecture differs.
+#: The organisms of the zoo: the base recipe on 15% of its scenes, so that only the architecture differs.
 ZOO = ("shapes-small", "shapes-deep", "shapes-p16", "shapes-siglip")

@@ -1,8 +1,7 @@
-"""Regenerate the README's screenshots (docs/images/*.png) from the demo store with a second run beside it.
+"""Regenerate the README's screenshots (docs/images/*.png) from the demo store (the Shapes CLIP, the zoo, the
+spurious-cue organism), as `make demo` builds it:
 
     clip-atlas demo --no-serve
-    clip-atlas compute --model shapes-spurious --images artifacts/shapes-demo-data --out artifacts/shapes-spurious
-    clip-atlas textspan artifacts/shapes-spurious && clip-atlas label artifacts/shapes-spurious && clip-atlas metrics artifacts/shapes-spurious
     python docs/make_screenshots.py
 
 Needs Chromium and Playwright (`make browser`).
@@ -22,7 +21,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "images"
 IMAGE = 8571488864101042969          # the demo store's first image (images/000000.png), a red triangle on sand
-SHOTS = {"compare.png": ("compare?runs=shapes-demo,shapes-spurious&prop=background", "Compare models", 2400),
+SHOTS = {"leaderboard.png": ("?rank=association", "Leaderboard", 1500),
+         "compare.png": ("compare?runs=shapes-demo,shapes-deep-demo&prop=background", "Compare models", 2400),
          "head.png": ("head?run=shapes-demo&layer=5&head=1", "Head", 2000),
          "intervene.png": (f"intervene?run=shapes-demo&ablate=color&image={IMAGE}", "Intervene", 2100),
          "describe.png": (f"describe?run=shapes-demo&image={IMAGE}", "Describe an image", 1700),

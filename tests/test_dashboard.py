@@ -87,10 +87,31 @@ def test_garbage_in_the_url_is_never_an_exception(store, page):
 def test_leaderboard_shows_runs_and_metrics(store):
     at = app(store)
     assert at.title[0].value == "Leaderboard"
-    runs = at.dataframe[0].value
+    metrics = at.dataframe[0].value
+    assert {"rank", "family", "pool", "layers x heads", "parameters", "training", "association",
+            "entanglement", "labelled_share"} <= set(metrics.columns)
+    runs = at.dataframe[-1].value
     assert "shapes-random" in set(runs["run"]) and "zz-partial" in set(runs["run"])
-    metrics = at.dataframe[1].value
-    assert "association" in metrics.columns and "entanglement" in metrics.columns
+    assert any(b.label.startswith("Download leaderboard") for b in at.get("download_button"))
+
+
+def test_leaderboard_ranks_by_any_metric(store, tmp_path):
+    """Two runs whose metrics differ: ranked by a higher-is-better metric descending, a lower-is-better ascending,
+    the choice kept in the URL."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    root = tmp_path / "board"
+    src = next(p for p in store.iterdir() if p.name == "shapes-random")
+    shutil.copytree(src, root / "a-run")
+    shutil.copytree(src, root / "b-run")
+    t = pq.read_table(root / "b-run" / "metrics.parquet")
+    bump = pc.if_else(pc.equal(t["scope"], "model"), pc.multiply(t["value"], 2.0), t["value"])
+    pq.write_table(t.set_column(t.schema.get_field_index("value"), "value", bump), root / "b-run" / "metrics.parquet")
+    at = app(root, rank="association")
+    assert at.dataframe[0].value["run"].tolist() == ["b-run", "a-run"]
+    at = app(root, rank="entanglement")
+    assert at.selectbox[0].value == "entanglement"
+    assert at.dataframe[0].value["run"].tolist() == ["a-run", "b-run"]
 
 
 def test_atlas_head_from_query_params(store):
@@ -224,6 +245,19 @@ def test_intervene_page_heads_and_property(store):
     assert at.metric[1].value == at.metric[0].value
     at.text_input(key="itpl").set_value("no placeholder").run()
     assert any("needs a {}" in e.value for e in at.error)
+
+
+def test_intervene_shows_where_the_gap_between_two_labels_lives(store):
+    at = app(store, "views/intervene.py", ablate="5.1")
+    assert not at.exception, at.exception
+    shown = {m.label: m.value for m in at.metric}
+    assert {"margin gap", "carried by heads", "by MLPs", "by the rest"} <= set(shown)
+    shares = [float(shown[k].rstrip("%")) for k in ("carried by heads", "by MLPs", "by the rest")]
+    assert abs(sum(shares) - 100) <= 2                                    # rounded percentages of one whole
+    worse, better = at.selectbox(key="gworse").value, at.selectbox(key="gbetter").value
+    assert worse != better and at.query_params["gw"] == worse and at.query_params["gb"] == better
+    again = app(store, "views/intervene.py", ablate="5.1", gw=better, gb=worse)   # the choice comes back from a link
+    assert again.selectbox(key="gworse").value == better and again.selectbox(key="gbetter").value == worse
 
 
 def test_intervene_on_a_run_without_labels_explains(store, tmp_path):

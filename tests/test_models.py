@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 
 from compute.errors import AtlasError
-from compute.models import REGISTRY, SHAPES_WEIGHTS, SPURIOUS_WEIGHTS, _quickgelu_arch, load_model, parse_spec
+from compute.models import (REGISTRY, SHAPES_WEIGHTS, WEIGHTS_DIR, _quickgelu_arch, load_model,
+                            organism_weights, parse_spec)
+from compute.organisms import ORGANISMS
 
 
 def test_registry_has_the_paper_models_with_quickgelu_for_openai():
@@ -18,8 +21,10 @@ def test_registry_has_the_paper_models_with_quickgelu_for_openai():
     assert REGISTRY["ViT-B-16:openai"][0] == "ViT-B-16-quickgelu"
     assert REGISTRY["ViT-L-14:laion2b_s32b_b82k"] == ("ViT-L-14", "laion2b_s32b_b82k")
     for arch, tag in REGISTRY.values():
-        if tag not in (str(SHAPES_WEIGHTS), str(SPURIOUS_WEIGHTS)):
+        if Path(tag).parent != WEIGHTS_DIR:            # the Shapes organisms' weights are files in the repository
             assert tag in open_clip.list_pretrained_tags_by_model(arch), (arch, tag)
+    for name in ORGANISMS:
+        assert REGISTRY[name] == (ORGANISMS[name], str(organism_weights(name)))
 
 
 @pytest.mark.parametrize("arch,tag,expected", [
@@ -77,3 +82,11 @@ def test_model_info_shapes():
 def test_refusals(spec, message):
     with pytest.raises(AtlasError, match=message):
         load_model(spec)
+
+
+def test_a_missing_organism_says_how_to_train_it(monkeypatch, tmp_path):
+    import compute.models as models
+    missing = tmp_path / "clip-atlas-shapes-small.safetensors"
+    monkeypatch.setattr(models, "organism_weights", lambda name: missing)
+    with pytest.raises(AtlasError, match=r"run `clip-atlas shapes train --arch shapes-small`"):
+        load_model(f"clip-atlas-shapes-small:{missing}")

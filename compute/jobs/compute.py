@@ -66,7 +66,8 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
               "random_weights": info.random_weights, "layers": info.layers, "heads": info.heads,
               "width": info.width, "embed_dim": info.embed_dim, "patch_grid": list(info.grid),
               "image_size": list(info.image_size), "pool_type": info.pool_type, "family": info.family,
-              "prefix_tokens": info.prefix_tokens, "head_layers": head_layers,
+              "prefix_tokens": info.prefix_tokens, "parameters": info.parameters, "training": info.training,
+              "head_layers": head_layers,
               "images_root": str(root.resolve()), "image_limit": cfg.limit, "versions": versions(),
               "component_kinds": ["embed", "attn", "attn_bias", "mlp", "ln_bias"], "store_dtype": cfg.store_dtype}
     if dist.rank == 0:

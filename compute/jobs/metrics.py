@@ -62,6 +62,8 @@ METRIC_INFO = {
     "entanglement": ("Entanglement", "mean share of the other labelled heads that carry the same property", "lower"),
     "properties": ("Properties", "distinct properties among labelled heads", ""),
     "labelled_heads": ("Labelled heads", "heads whose two image halves agree on a property", ""),
+    "labelled_share": ("Labelled share", "labelled heads over the heads TextSpan described (comparable across sizes)",
+                       "higher"),
     "variance_explained": ("Variance explained", "mean share of a head's variance its TextSpan texts remove", "higher"),
     "zero_shot_accuracy": ("Zero-shot accuracy", "accuracy of the embeddings with the model's zero-shot prompt", "higher"),
     "textspan_reconstruction_cosine": ("TextSpan reconstruction (cosine)", "mean cosine of the embedding with the one "
@@ -69,6 +71,23 @@ METRIC_INFO = {
     "textspan_reconstruction_zero_shot": ("TextSpan reconstruction (zero-shot)", "zero-shot accuracy of those "
                                           "rebuilt embeddings", "higher"),
 }
+
+
+#: Each metric held against ground truth on the Shapes zoo (docs/metrics.md, `clip-atlas shapes zoo`): its verdict
+#: against the primary truth (the share of specialised heads) and the rank correlation with its interval.
+METRIC_VALIDATION: dict[str, tuple[str, float, float, float]] = {}
+
+
+def metric_help(metric: str) -> str:
+    """The definition, and what the zoo said of the metric, for a hover."""
+    text = METRIC_INFO.get(metric, ("", "", ""))[1]
+    if metric in METRIC_VALIDATION:
+        verdict, rho, low, high = METRIC_VALIDATION[metric]
+        text += (f". Against ground truth on the Shapes zoo: {verdict} (Spearman {rho:.2f}, 95% interval "
+                 f"{low:.2f} to {high:.2f}; docs/metrics.md)")
+    elif metric in METRIC_INFO:
+        text += ". Not held against ground truth"
+    return text
 
 
 def metric_label(metric: str) -> str:
@@ -169,6 +188,7 @@ def run_metrics(run: str, progress: bool = True) -> pa.Table:
         add("model", "entanglement", entanglement(labels))
         add("model", "properties", len({x.property for x in labels if x.property != UNLABELLED}))
         add("model", "labelled_heads", sum(x.property != UNLABELLED for x in labels))
+        add("model", "labelled_share", sum(x.property != UNLABELLED for x in labels) / max(1, len(labels)))
         for x in labels:
             add("head", "property_confidence", x.confidence, x.layer, x.head)
     table = pa.table({"run": [store.root.name] * len(rows), "model": [man["model"]] * len(rows),

@@ -129,6 +129,12 @@ def layer_slices(n_neurons: int, K: int, D: int, budget: int = G_BUDGET) -> list
     return [slice(i, min(i + per, n_neurons)) for i in range(0, n_neurons, per)]
 
 
+def neurons_unsupported(run: str) -> str | None:
+    """Why the run's model has no neuron effects (its tower's MLPs are not yet traced for them), or None."""
+    man = RunStore(run).require_complete()
+    return neuron_unsupported_reason(load_model(man["model"], "cpu").model)
+
+
 def run_neurons(run: str, layers: str | None = None, images: int | None = None, texts: int = DEFAULT_TEXTS,
                 top_k: int = TOP_K, batch_size: int = 32, device: str = "auto", workers: int | None = None,
                 progress: bool = True, loaded=None) -> dict:

@@ -44,9 +44,9 @@ RECIPE_NOTES = """\
 ZOO_NOTES = """\
 ## Recipe
 The base Shapes CLIP's recipe (hard-negative groups of 8, AdamW, warm-up and cosine decay; see
-MODEL_CARD.md) at a tenth of its images: 600 steps of 128 scenes. Every organism of the zoo
+MODEL_CARD.md) on 15% of its scenes: 600 steps of 128 against 2000 of 256. Every organism of the zoo
 (`shapes-small`, `shapes-deep`, `shapes-p16`, `shapes-siglip`) shares it, so what differs between
-them is the architecture alone. The base Shapes CLIP, trained ten times longer, is on the leaderboard beside
+them is the architecture alone. The base Shapes CLIP, trained on about seven times as many scenes, is on the leaderboard beside
 them for reference; its row says so.
 """
 

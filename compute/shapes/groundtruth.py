@@ -66,6 +66,17 @@ def specialisation(lifts: dict[str, float]) -> str | None:
     return None
 
 
+def one_to_one(rows: list[dict]) -> float:
+    """How cleanly each attribute maps to one head: per attribute, the best head's lift for it minus that head's best
+    lift for any other attribute (clipped at 0), averaged over attributes. `rows`: evaluate_heads' rows."""
+    lifts: dict[tuple[int, int], dict[str, float]] = {}
+    for r in rows:
+        lifts.setdefault((r["layer"], r["head"]), {})[r["attribute"]] = r["lift"]
+    attrs = sorted({r["attribute"] for r in rows})
+    best = {a: max(max(0.0, h[a] - max(v for b, v in h.items() if b != a)) for h in lifts.values()) for a in attrs}
+    return float(np.mean(list(best.values())))
+
+
 def scene_table(store: RunStore) -> tuple[np.ndarray, list[dict], np.ndarray, np.ndarray]:
     """(image_ids, scene records, masks, scene row of each image) for the run's images, sorted by image_id."""
     man = store.manifest()
@@ -173,6 +184,8 @@ def evaluate_run(run: str, progress: bool = True) -> dict:
     n_last2 = len({(r["layer"], r["head"]) for r in rows if r["layer"] in last2})
     summary = {f"specialised_{a}": sum(r["specialised"] for r in rows if r["attribute"] == a) for a in ATTRIBUTES}
     summary["specialised_heads"] = sum(r["specialised"] for r in rows)
+    summary["specialised_share"] = summary["specialised_heads"] / max(1, len({(r["layer"], r["head"]) for r in rows}))
+    summary["one_to_one"] = one_to_one(rows)
     summary["specialised_share_last2"] = sum(r["specialised"] for r in rows if r["layer"] in last2) / max(1, n_last2)
     summary["segmentation_miou"] = float(np.mean(seg.column("iou").to_numpy())) if seg.num_rows else float("nan")
     summary["segmentation_miou_shuffled"] = float(np.mean(seg.column("iou_shuffled").to_numpy())) if seg.num_rows else float("nan")

@@ -91,7 +91,7 @@ class BatchMaker:
         return to_model_input(imgs, self.mean, self.std, "cpu"), self._tokens(texts)
 
 
-#: The zoo's recipe: the base recipe at a tenth of its images (600 x 128 against 2000 x 256), what two CPU cores
+#: The zoo's recipe: the base recipe on 15% of its scenes (600 x 128 against 2000 x 256), what two CPU cores
 #: train in 10-30 minutes; the organisms of the zoo share it, so size, patch and pool are what differ between them.
 ZOO_RECIPE = dict(steps=600, batch_size=128, eval_every=200)
 

@@ -459,5 +459,6 @@ def manifest_summary(run: RunInfo) -> dict:
             "pool": POOL_NAMES.get(m.get("pool_type"), m.get("pool_type")) if m else None,
             "random weights": m.get("random_weights"), "images": m.get("image_count"),
             "status": m.get("status", "?") if run.ok else run.problem,
-            "layers x heads": f"{m.get('layers')} x {m.get('heads')}" if m else None}
+            "layers x heads": f"{m.get('layers')} x {m.get('heads')}" if m else None,
+            "parameters": m.get("parameters"), "training": m.get("training")}
 
