@@ -14,3 +14,8 @@ ORGANISMS: dict[str, str] = {
 
 #: The organisms of the zoo: the base recipe on 15% of its scenes, so that only the architecture differs.
 ZOO = ("shapes-small", "shapes-deep", "shapes-p16", "shapes-siglip")
+
+
+def is_organism_architecture(architecture: str) -> bool:
+    """True for the open_clip architecture of a Shapes organism: its texts are the Shapes pool and prompts."""
+    return architecture in ORGANISMS.values()

@@ -95,3 +95,13 @@ def test_each_committed_organism_loads_and_decomposes_exactly(organism):
     assert (d.total() - ref).abs().max() < 1e-5
     assert (d.heads.sum(2) - d.attn).abs().max() < 1e-5
     assert (d.tokens.sum(3)[:, 0] - d.heads[:, -1]).abs().max() < 1e-5
+
+
+def test_every_organism_gets_the_shapes_texts_and_prompt():
+    """A zoo run labelled with the general pool said 'colors' of background heads: every organism is a Shapes model."""
+    from compute.jobs.textspan import default_pool
+    from compute.organisms import ORGANISMS
+    from compute.texts import zero_shot_template
+    for arch in ORGANISMS.values():
+        assert default_pool(arch) == "shapes" and zero_shot_template(arch) == "a {}"
+    assert default_pool("ViT-B-16") == "general" and zero_shot_template("ViT-B-16") == "a photo of a {}."

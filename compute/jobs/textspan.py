@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from compute import checks
 from compute.errors import AtlasError
+from compute.organisms import is_organism_architecture
 from compute.maths.decompose import resolve_layers
 from compute.maths.textspan import (PICK_FLOOR, STABILITY_K, UNSTABLE_BELOW, Moments, TextSpanResult, half_of,
                                     pick_overlap, textspan_from_moments)
@@ -50,7 +51,7 @@ def head_moments(store: RunStore, pairs: list[tuple[int, int]], device: torch.de
 
 def default_pool(architecture: str) -> str:
     """The bundled pool that describes what a model was trained on: Shapes' own vocabulary, else `general`."""
-    return "shapes" if architecture == "clip-atlas-shapes" else "general"
+    return "shapes" if is_organism_architecture(architecture) else "general"
 
 
 def run_textspan(run: str, pool: str = "auto", m: int = DEFAULT_M, rank: int = DEFAULT_RANK, layers: str | None = None,

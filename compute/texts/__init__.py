@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compute.errors import AtlasError
+from compute.organisms import is_organism_architecture
 
 HERE = Path(__file__).parent
 BUNDLED = {"general": HERE / "general.csv", "shapes": HERE / "shapes.csv"}
@@ -17,7 +18,7 @@ TEMPLATES = {"shapes": "a {}", "default": "a photo of a {}."}
 
 def zero_shot_template(architecture: str) -> str:
     """The prompt template a model's zero-shot classification uses, the same in metrics, eval and the dashboard."""
-    return TEMPLATES["shapes" if architecture.startswith("clip-atlas-shapes") else "default"]
+    return TEMPLATES["shapes" if is_organism_architecture(architecture) else "default"]
 
 
 def fill_template(template: str, labels: list[str]) -> list[str]:
