@@ -215,6 +215,14 @@ def _shapes_card(a: argparse.Namespace) -> None:
     print(f"wrote {update_card(a.eval, a.validation, a.neurons, weights=organism_weights(a.arch))}")
 
 
+def _fresh_seeds(p: argparse.ArgumentParser, n: int, seed_base: int, out: str, why: str) -> None:
+    """The arguments of a command that runs the Shapes pipeline on fresh scene seeds."""
+    p.add_argument("--seeds", type=POSITIVE, default=3)
+    p.add_argument("--n", type=POSITIVE, default=n, help="scenes per seed")
+    p.add_argument("--seed-base", type=NONNEGATIVE, default=seed_base, help=f"first seed ({why})")
+    p.add_argument("--out", default=out)
+
+
 def _at_least(low: int):
     """An argparse type: a whole number no smaller than `low` (argparse turns the message into a usage error)."""
     def parse(text: str) -> int:
@@ -369,18 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=NONNEGATIVE, default=None, help="default: 0")
     t.add_argument("--out", default=None, help="weights file (default: the bundled one for --arch)")
     _command(s, "eval", "ground-truth evaluation of a run computed on a Shapes dataset", _shapes_eval, run=True)
-    v = _command(s, "validate", "the whole pipeline with defaults on fresh seeds, scored against ground truth",
-                 _shapes_validate)
-    v.add_argument("--seeds", type=POSITIVE, default=3)
-    v.add_argument("--n", type=POSITIVE, default=2000, help="scenes per seed")
-    v.add_argument("--seed-base", type=NONNEGATIVE, default=101, help="first seed (training, demo and tuning used 0 and 11-13)")
-    v.add_argument("--out", default="artifacts/shapes-validate")
-    z = _command(s, "zoo", "every organism on fresh seeds: each leaderboard metric against ground truth (docs/metrics.md)",
-                 _shapes_zoo)
-    z.add_argument("--seeds", type=POSITIVE, default=3)
-    z.add_argument("--n", type=POSITIVE, default=1000, help="scenes per seed")
-    z.add_argument("--seed-base", type=NONNEGATIVE, default=701, help="first seed (the plan in docs/metrics.md: 701-703)")
-    z.add_argument("--out", default="artifacts/shapes-zoo")
+    _fresh_seeds(_command(s, "validate", "the whole pipeline with defaults on fresh seeds, scored against ground truth",
+                          _shapes_validate), n=2000, seed_base=101, out="artifacts/shapes-validate",
+                 why="training, demo and tuning used 0 and 11-13")
+    _fresh_seeds(_command(s, "zoo", "every organism on fresh seeds: each leaderboard metric against ground truth "
+                          "(docs/metrics.md)", _shapes_zoo), n=1000, seed_base=701, out="artifacts/shapes-zoo",
+                 why="the plan in docs/metrics.md: 701-703")
     sp = _command(s, "spurious", "Waterbirds on Shapes: ablate the background heads of a model with a spurious cue",
                   _shapes_spurious)
     sp.add_argument("--seed", type=NONNEGATIVE, default=1,

@@ -105,3 +105,26 @@ def test_every_organism_gets_the_shapes_texts_and_prompt():
     for arch in ORGANISMS.values():
         assert default_pool(arch) == "shapes" and zero_shot_template(arch) == "a {}"
     assert default_pool("ViT-B-16") == "general" and zero_shot_template("ViT-B-16") == "a photo of a {}."
+
+
+def test_the_zoo_report_from_its_runs(monkeypatch, tmp_path):
+    """run_zoo's wiring on synthetic runs: every metric against every truth, the size question, the markdown."""
+    import json
+
+    import compute.shapes.zoo as zoo
+    orgs = ["shapes", "shapes-small", "shapes-deep", "shapes-p16", "shapes-siglip"]
+    runs = []
+    for i, org in enumerate(orgs):
+        for seed in zoo.ZOO_SEEDS:
+            t = i + 0.01 * seed
+            runs.append(ZooRun(org, seed, f"{org}-{seed}", {m: t if m != "entanglement" else -t for m in zoo.METRICS},
+                               {k: t for k in zoo.TRUTHS}))
+    monkeypatch.setattr(zoo, "build_zoo", lambda out, seeds, n, progress: runs)
+    report = zoo.run_zoo(tmp_path, n=10, progress=False)
+    assert json.loads((tmp_path / "zoo.json").read_text())["n"] == 10
+    assert len(report["correlations"]) == len(zoo.METRICS) * len(zoo.TRUTHS)
+    assert all(c["verdict"] == "tracks" for c in report["correlations"])
+    q = report["size_question"]["specialised_share"]
+    assert q["difference"] == pytest.approx(q["larger"] - q["smaller"]) and q["difference"] > 0
+    text = zoo.format_report(report)
+    assert "| entanglement | specialised_share | 1.000 |" in text and "shapes-deep" in text
