@@ -84,8 +84,11 @@ def test_one_to_one_known_answers():
 def test_each_committed_organism_loads_and_decomposes_exactly(organism):
     from compute.maths.decompose import Decomposer
     from compute.models import load_model, organism_weights
-    if not organism_weights(organism).is_file():
-        pytest.fail(f"{organism}'s weights are not committed at {organism_weights(organism)}")
+    from compute.shapes.card import card_path
+    weights = organism_weights(organism)
+    if not weights.is_file():
+        pytest.fail(f"{organism}'s weights are not committed at {weights}")
+    assert weights.stat().st_size <= 25 * 2**20 and card_path(weights).is_file()
     model = load_model(organism).model
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     n_layers = model.visual.trunk.blocks.__len__() if hasattr(model.visual, "trunk") else model.visual.transformer.layers
