@@ -113,7 +113,7 @@ def _eval_segmentation(a: argparse.Namespace) -> None:
 def _shapes_train(a: argparse.Namespace) -> None:
     from compute.models import organism_weights
     from compute.shapes.train import recipe, train
-    overrides = {k: v for k, v in (("steps", a.steps), ("seed", a.seed)) if v is not None}
+    overrides = {k: v for k, v in (("steps", a.steps), ("seed", a.seed), ("threads", a.threads)) if v is not None}
     _check_out(a.out)
     train(recipe(a.arch, **overrides), Path(a.out) if a.out else organism_weights(a.arch))
 
@@ -375,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which organism (default: the base Shapes CLIP); see the model cards in compute/shapes/weights")
     t.add_argument("--steps", type=POSITIVE, default=None, help="default: the organism's recipe (2000, zoo 600)")
     t.add_argument("--seed", type=NONNEGATIVE, default=None, help="default: 0")
+    t.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads (default 2; 1 to train two at once)")
     t.add_argument("--out", default=None, help="weights file (default: the bundled one for --arch)")
     _command(s, "eval", "ground-truth evaluation of a run computed on a Shapes dataset", _shapes_eval, run=True)
     _fresh_seeds(_command(s, "validate", "the whole pipeline with defaults on fresh seeds, scored against ground truth",

@@ -103,7 +103,8 @@ def write_card(weights: Path) -> Path:
         "|---|---|",
         f"| architecture | `{arch}` ({rec['parameters'] / 1e6:.1f} M parameters{_tower_line(rec)}) |",
         f"| loss | {rec.get('loss', 'softmax (CLIP)')} |",
-        f"| trained by | `clip-atlas shapes train --arch {organism}` (seed {cfg['seed']}) |",
+        f"| trained by | `clip-atlas shapes train --arch {organism}"
+        + (f" --threads {cfg['threads']}" if cfg.get("threads", 2) != 2 else "") + f"` (seed {cfg['seed']}) |",
         f"| steps x batch | {cfg['steps']} x {cfg['batch_size']} (groups of {cfg['group_size']}) |",
         f"| wall time | {rec['wall_minutes']:.0f} min on 2 CPU cores (shared with other work) |",
         f"| weights | `{weights.name}`, fp16 |",
