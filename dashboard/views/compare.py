@@ -22,7 +22,7 @@ with show_errors():
         st.info("Pick at least two runs.")
         st.stop()
     cmp = api.compare(s, chosen)
-    st.table(cmp.models[["run", "model", "family", "pool", "layers x heads", "images"]].set_index("run"))
+    st.table(cmp.models[["run", "model", "family", "pool", "layers x heads", "parameters", "training", "images"]].set_index("run"))
     st.subheader("Metrics")
     if cmp.metrics.empty:
         st.info("None of these runs has metrics yet: `clip-atlas metrics RUN`.")
