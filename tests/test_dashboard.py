@@ -427,3 +427,18 @@ def test_exports_on_every_result(store):
                  "views/describe.py", "views/intervene.py"):
         at = app(store, page)
         assert not at.exception and at.get("download_button"), page
+
+
+def test_one_colour_per_property_on_every_chart():
+    """The atlas's property grid and the ground-truth grid gave one attribute two colours: a name's colour is now
+    fixed, whatever else a chart shows, a plural shares its singular's, and unlabelled heads are grey."""
+    from dashboard.charts import property_colour, property_scale
+    assert property_colour("color") == property_colour("colors") != property_colour("background")
+    assert property_colour("unlabelled") == "#bab0ac"
+    a = property_scale(["background", "color", "unlabelled"]).to_dict()
+    b = property_scale(["shape", "color", "mixed", "background", "pattern"]).to_dict()
+    colour_a, colour_b = dict(zip(a["domain"], a["range"])), dict(zip(b["domain"], b["range"]))
+    assert colour_a["color"] == colour_b["color"] and colour_a["background"] == colour_b["background"]
+    assert len(set(colour_b.values())) == len(colour_b)
+    assert a["domain"][-1] == "unlabelled"                                  # greys last in the legend
+    assert property_colour("some new tag") == property_colour("some new tag")
