@@ -196,3 +196,31 @@ def test_a_label_needs_both_halves_of_the_images_to_agree(shapes_run, monkeypatc
     flipped = properties.stable_labels(store, tags, "tags")
     assert all(x.property in (UNLABELLED, "size") for x in flipped)
     assert all(x.property == UNLABELLED for x in flipped if majority([tags[i] for i in texts[(x.layer, x.head)]])[0] != "size")
+
+
+def test_heads_with_fewer_texts_keep_their_own_directions():
+    """TextSpan stops early on a head whose variance is spent: a SigLIP-style organism's run had heads with 9 texts
+    beside heads with 10, and the metrics job assumed one count. Each head's projection uses its own texts."""
+    import pyarrow as pa
+
+    from compute.jobs.metrics import head_directions, textspan_reconstruction_around
+    from compute.store.layout import vectors
+    rng = np.random.default_rng(0)
+    counts = {(5, 0): 3, (5, 1): 1, (4, 2): 2}
+    rows, dirs = [], []
+    for (layer, head), k in counts.items():
+        q, _ = np.linalg.qr(rng.normal(size=(6, k)))
+        for r in range(k):
+            rows.append((layer, head, r, 0.1 * (r + 1)))
+            dirs.append(q[:, r])
+    table = pa.table({"layer": [r[0] for r in rows], "head": [r[1] for r in rows], "rank": [r[2] for r in rows],
+                      "cumulative_variance": [r[3] for r in rows], "direction": vectors(np.array(dirs))})
+    pairs, D, last = head_directions(table)
+    assert pairs == [(4, 2), (5, 0), (5, 1)] and D.shape == (3, 3, 6)
+    assert [r["cumulative_variance"] for r in last] == pytest.approx([0.2, 0.3, 0.1])
+    C = rng.normal(size=(3, 4, 6))
+    mean = C.mean(1, keepdims=True)
+    got = textspan_reconstruction_around(C, mean, D)
+    for p, (layer, head) in enumerate(pairs):          # reference: project on that head's own k directions
+        Q = np.array([d for (l, h, _, _), d in zip(rows, dirs) if (l, h) == (layer, head)])
+        assert np.allclose(got[p], mean[p] + (C[p] - mean[p]) @ Q.T @ Q, atol=1e-5)

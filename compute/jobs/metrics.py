@@ -56,6 +56,23 @@ def textspan_reconstruction_around(C: np.ndarray, mean: np.ndarray, directions: 
     return mean + ((C - mean) @ directions.transpose(0, 2, 1)) @ directions
 
 
+def head_directions(ts: pa.Table) -> tuple[list[tuple[int, int]], np.ndarray, list[dict]]:
+    """From the TextSpan picks: the heads described, their orthonormal text directions zero-padded to the most
+    picks any head has [heads, m, D] (TextSpan stops early on a head whose variance is spent, so counts differ;
+    a zero row adds nothing to a projection), and each head's last pick (its cumulative variance)."""
+    ts = ts.take(pc.sort_indices(ts, [("layer", "ascending"), ("head", "ascending"), ("rank", "ascending")]))
+    rows = ts.select(["layer", "head", "rank", "cumulative_variance"]).to_pylist()
+    vecs = vector_column(ts, "direction")
+    picks: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(rows):
+        picks.setdefault((r["layer"], r["head"]), []).append(i)
+    m = max((len(v) for v in picks.values()), default=0)
+    dirs = np.zeros((len(picks), m, vecs.shape[1] if len(vecs) else 0), np.float32)
+    for p, idx in enumerate(picks.values()):
+        dirs[p, :len(idx)] = vecs[idx]
+    return list(picks), dirs, [rows[idx[-1]] for idx in picks.values()]
+
+
 #: Model-level metrics as a person reads them: (name shown, definition, which way is better). docs/metrics.md.
 METRIC_INFO = {
     "association": ("Association", "mean share of a labelled head's texts tagged with its property", "higher"),
@@ -130,12 +147,7 @@ def run_metrics(run: str, progress: bool = True) -> pa.Table:
     ts_path, pr_path = store.table_path("textspan"), store.table_path("properties")
     pairs, dirs, last = [], None, []
     if ts_path.is_file():
-        ts = pq.read_table(ts_path)
-        ts = ts.take(pc.sort_indices(ts, [("layer", "ascending"), ("head", "ascending"), ("rank", "ascending")]))
-        m = int(pc.max(ts.column("rank")).as_py()) + 1
-        last = ts.filter(pc.equal(ts.column("rank"), m - 1)).to_pylist()
-        pairs = [(r["layer"], r["head"]) for r in last]
-        dirs = vector_column(ts, "direction").reshape(len(pairs), m, -1)
+        pairs, dirs, last = head_directions(pq.read_table(ts_path))
 
     def labels_of(chunk) -> np.ndarray:
         return np.array([index.get(lb, -1) for lb in chunk.labels])
