@@ -66,6 +66,7 @@ def update_card(eval_run: str | None = None, validation: str | None = None, neur
     rec = json.loads(record.read_text())
     if eval_run:
         rec["ground_truth"] = RunStore(eval_run).manifest().get("shapes_eval") or {}
+        rec["ground_truth_run"] = Path(eval_run).name
     if validation:
         try:
             report = json.loads(Path(validation).read_text())
@@ -126,7 +127,8 @@ def write_card(weights: Path) -> Path:
         lines.append(f"| {h['step']} | {h['minutes']:.0f} | {h['loss']:.3f} | " +
                      " | ".join(f"{h['caption'][a]:.2f}" for a in ATTRIBUTES) + " |")
     if rec.get("ground_truth"):
-        lines += ["", "## Heads (ground-truth evaluation of the demo store, `clip-atlas shapes eval`)", ""]
+        lines += ["", f"## Heads (ground-truth evaluation of {rec.get('ground_truth_run', 'the demo run')}, "
+                  "`clip-atlas shapes eval`; every stored layer)", ""]
         lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in rec["ground_truth"].items()]
     if rec.get("validation"):
         v = rec["validation"]
