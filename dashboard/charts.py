@@ -14,7 +14,7 @@ from compute.render import colormap
 # One colour per property or attribute on every page (atlas, ground truth, compare, leaderboard): the Shapes
 # attributes and the general pool's tags in a fixed order, a plural sharing its singular's colour ("colors" and
 # "color"); names outside the list by a stable hash; heads without a label grey.
-_PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
+_PALETTE = ["#4e79a7", "#e15759", "#b07aa1", "#76b7b2", "#59a14f", "#f28e2b", "#edc948", "#ff9da7", "#9c755f",
             "#a0cbe8", "#ffbe7d", "#8cd17d", "#b6992d", "#f1ce63", "#499894", "#86bcb6", "#d37295", "#fabfd2",
             "#d4a6c8", "#79706e"]
 _KNOWN = ["color", "shape", "pattern", "size", "position", "background", "location", "animal", "texture", "material",
@@ -76,11 +76,12 @@ def layer_effects(rows: list[tuple], run_names: list[str]) -> alt.Chart:
     df = pd.DataFrame(rows, columns=["run", "layer", "metric", "value"])
     df["effect"] = 1 - df["value"]
     df["part"] = df["metric"].str.replace("ablation_cosine_", "", regex=False)
-    return alt.Chart(df, title="Direct effect per layer (1 - cosine kept under mean-ablation)").mark_line(point=True).encode(
+    # the dash pattern is named in the subtitle: a legend of line symbols for it does not render on a point-line mark
+    title = alt.Title("Direct effect per layer (1 - cosine kept under mean-ablation)",
+                      subtitle="attention: solid line · MLP: dashed line")
+    return alt.Chart(df, title=title).mark_line(point=True).encode(
         x="layer:O", y=alt.Y("effect:Q", title="1 - cosine"), color="run:N",
-        strokeDash=alt.StrokeDash("part:N", title="part (attn solid, mlp dashed)",
-                                  scale=alt.Scale(domain=["attn", "mlp"], range=[[1, 0], [6, 4]]),
-                                  legend=alt.Legend(symbolType="stroke", symbolStrokeColor="#333", symbolSize=400)),
+        strokeDash=alt.StrokeDash("part:N", scale=alt.Scale(domain=["attn", "mlp"], range=[[1, 0], [6, 4]]), legend=None),
         tooltip=["run", "part", "layer", alt.Tooltip("effect:Q", format=".4f")])
 
 

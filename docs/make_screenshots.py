@@ -29,6 +29,9 @@ SHOTS = {"leaderboard.png": ("?rank=association", "Leaderboard", 1500),
          "which_heads.png": (f"topic_segmentation?run=shapes-demo&text=a+red+triangle&image={IMAGE}", "Topic segmentation", 1500)}
 
 
+ONLY = set(sys.argv[1:])        # names of the shots to retake (default: all)
+
+
 def main() -> None:
     from playwright.sync_api import sync_playwright
     with socket.socket() as s:
@@ -50,6 +53,8 @@ def main() -> None:
             browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", headless=True,
                                         args=["--no-sandbox", "--disable-gpu"])
             for name, (path, title, height) in SHOTS.items():
+                if ONLY and name not in ONLY:
+                    continue
                 page = browser.new_page(viewport={"width": 1400, "height": height})
                 page.goto(f"{url}/{path}", wait_until="domcontentloaded")
                 page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=90_000)
@@ -59,7 +64,7 @@ def main() -> None:
                 page.screenshot(path=str(raw))
                 img = Image.open(raw).convert("RGB")
                 img.thumbnail((1000, 1600))
-                img.quantize(colors=128).save(OUT / name, optimize=True)
+                img.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(OUT / name, optimize=True)   # octree keeps small swatches
                 raw.unlink()
                 print(f"{OUT / name}: {(OUT / name).stat().st_size // 1024} KB")
             browser.close()
