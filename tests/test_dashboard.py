@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import json
 import shutil
 from pathlib import Path
@@ -194,8 +195,8 @@ def test_topic_and_contrastive_segmentation(store):
 
 
 def multiples(at) -> list[str]:
-    """The captions of the page's small multiples (one st.image element holding several images)."""
-    return [x.caption for i in at.get("image") if len(i.proto.imgs) > 1 for x in i.proto.imgs]
+    """The captions of the page's small multiples: the head maps (in rows of four), captioned 'L5.H1 · +12.3%'."""
+    return [x.caption for i in at.get("image") for x in i.proto.imgs if re.match(r"L\d+\.H\d+ · ", x.caption or "")]
 
 
 def test_segmentation_pages_rank_heads_and_take_an_opacity(store):

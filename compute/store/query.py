@@ -371,12 +371,16 @@ class Store:
                         [str(run.layout.table_path("metrics")), scope])
 
     def leaderboard(self) -> list[BoardRow]:
-        files = [str(r.layout.table_path("metrics")) for r in self.runs() if r.ok and r.has("metrics")]
-        if not files:
+        """Every complete run's model-scope metrics. A run is named by its folder (a copied or renamed run keeps
+        the name it was written under inside its tables)."""
+        name_of = {str(r.layout.table_path("metrics")): r.name for r in self.runs() if r.ok and r.has("metrics")}
+        if not name_of:
             return []
-        return self.records(BoardRow, """
-            SELECT run, model, metric, value FROM read_parquet(?, union_by_name = true)
-            WHERE scope = 'model' ORDER BY run, metric""", [files])
+        rows = self.sql("""
+            SELECT filename, model, metric, value FROM read_parquet(?, union_by_name = true, filename = true)
+            WHERE scope = 'model'""", [list(name_of)])
+        return sorted((BoardRow(name_of[f], model, metric, value) for f, model, metric, value in rows),
+                      key=lambda r: (r.run, r.metric))
 
     def ground_truth(self, run: RunInfo) -> list[GroundTruth]:
         if not run.has("shapes_heads"):
