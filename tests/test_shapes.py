@@ -167,5 +167,10 @@ def test_demo_uses_the_cli_defaults():
     from compute.shapes import pipeline as demo
     src = inspect.getsource(demo.build_shapes_store)
     for call in ("run_textspan(str(run), progress=progress)", "run_label(str(run))",
-                 'ComputeConfig(model, str(data), str(run))', 'model: str = "shapes"'):
+                 "ComputeConfig(model, str(data), str(run), layers=layers, limit=limit)", 'model: str = "shapes"',
+                 "layers: str = ComputeConfig.layers", "limit: int | None = None"):
         assert call in src
+    # the demo sets only which model, which scenes and how many (the zoo's runs use the first half of them)
+    from compute import demo as demo_module
+    calls = inspect.getsource(demo_module.build_demo_store)
+    assert "layers=" not in calls and "neurons=" not in calls
