@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from compute.images import load_image
-from tests.test_dashboard import app, store  # noqa: F401  (the small store fixture)
+from tests.test_dashboard import app, multiples, store  # noqa: F401  (the small store fixture)
 
 
 @pytest.mark.parametrize("a,b", [("a circle", "a circle"), ("A circle", "a circle!"),
@@ -131,11 +131,7 @@ def test_selections_live_in_the_url(store):  # noqa: F811
     assert not at.exception
     assert at.slider(key="which_k").value == 3
     assert [t for t in at.toggle if t.label.startswith("Each map")][0].value is True
-    assert len(multiples_of(at)) == 3
-
-
-def multiples_of(at) -> list[str]:
-    return [x.caption for i in at.get("image") if len(i.proto.imgs) > 1 for x in i.proto.imgs]
+    assert len(multiples(at)) == 3
 
 
 def test_re_sorting_neurons_keeps_the_neuron_shown(store):  # noqa: F811
