@@ -35,15 +35,20 @@ with show_errors():
     lower = METRIC_INFO.get(by, ("", "", ""))[2] == "lower"
     df = summaries[RUN_COLUMNS].merge(wide, on="run", how="inner").sort_values(by, ascending=lower, na_position="last", kind="stable")
     df.insert(0, "rank", range(1, len(df) + 1))
+    # the ranked metric beside the run, then what the run is, then the other metrics: wider than the page, the
+    # table scrolls sideways with rank and run pinned, so no row loses its name
+    df = df[["rank", "run", by] + RUN_COLUMNS[1:] + [m for m in shown if m != by]]
     st.subheader("Metrics")
-    # readable names, each metric's definition and validation on hover; wider than the page, the table scrolls
     st.dataframe(df, hide_index=True, width="stretch", column_config={
+        "rank": st.column_config.NumberColumn("rank", pinned=True, width="small"),
+        "run": st.column_config.TextColumn("run", pinned=True),
         "parameters": st.column_config.NumberColumn("parameters (vision)", format="compact"),
         **{m: st.column_config.NumberColumn(metric_label(m) + (" ✓" if METRIC_VALIDATION.get(m, ("",))[0] == "tracks" else ""),
                                             help=metric_help(m) or None, format="%.3f") for m in shown}})
     download_csv(df, "leaderboard")
-    st.caption("Click a column to sort; hover it for its definition and whether it was held against ground truth "
-               "(✓: tracks it on the Shapes zoo). Definitions and the validation: docs/metrics.md.")
+    st.caption("Scroll the table sideways for every metric; click a column to sort; hover it for its definition and "
+               "whether it was held against ground truth (✓: tracks it on the Shapes zoo). Definitions and the "
+               "validation: docs/metrics.md.")
     sized = df.dropna(subset=["parameters", by])
     if len(sized):
         st.altair_chart(charts.metric_by_size(sized, by, metric_label(by)), width="stretch")
