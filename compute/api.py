@@ -366,12 +366,7 @@ class Run:
 
         heads = self._ablation_heads(heads)
         template = template or zero_shot_template(self.model.info.architecture)
-        labelled = [(i, lab) for i, _, lab in self.store.gallery(self.info, limit=self.store.image_count(self.info))
-                    if lab is not None]
-        classes = sorted({lab for _, lab in labelled})
-        if len(classes) < 2:
-            raise AtlasError(f"{self.info.name} needs images with at least two labels (labels.csv or subfolders) "
-                             "for zero-shot accuracy")
+        labelled, classes = self._labelled("for zero-shot accuracy")
         prompts = fill_template(template, classes)
         T = self.model.encode_texts(prompts).double().cpu().numpy()
         ids, base, per_head, _ = self._stored_scores(heads, T)
@@ -387,6 +382,16 @@ class Run:
         table = pd.DataFrame(rows, columns=["label", "images", "base", "ablated"])
         table["change"] = table["ablated"] - table["base"]
         return Intervention(heads, classes, prompts, table, ids[want], base[want], ablated[want], T, means)
+
+    def _labelled(self, purpose: str) -> tuple[list[tuple[int, str]], list[str]]:
+        """(image_id, label) of every labelled image, and the sorted labels; at least two labels or AtlasError."""
+        labelled = [(i, lab) for i, _, lab in self.store.gallery(self.info, limit=self.store.image_count(self.info))
+                    if lab is not None]
+        classes = sorted({lab for _, lab in labelled})
+        if len(classes) < 2:
+            raise AtlasError(f"{self.info.name} needs images with at least two labels (labels.csv or subfolders) "
+                             f"{purpose}")
+        return labelled, classes
 
     def _stored_scores(self, heads: list[tuple[int, int]], T: np.ndarray, components: bool = False) -> StoredScores:
         """Every stored image's scores against the texts T, sorted by image_id, streamed over the run's chunks:
@@ -411,11 +416,7 @@ class Run:
         the store alone (eval/head_search.py, `gap_shares`). Heads and layers with a large share carry the gap;
         an MLP's share is one no head ablation can remove."""
         template = template or zero_shot_template(self.model.info.architecture)
-        labelled = [(i, lab) for i, _, lab in self.store.gallery(self.info, limit=self.store.image_count(self.info))
-                    if lab is not None]
-        classes = sorted({lab for _, lab in labelled})
-        if len(classes) < 2:
-            raise AtlasError(f"{self.info.name} needs images with at least two labels for a margin gap")
+        labelled, classes = self._labelled("for a margin gap")
         for name, lab in (("worse", worse), ("better", better)):
             if lab is not None and lab not in classes:
                 raise AtlasError(f"{name} label {lab!r} is not one of the run's labels")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from compute.maths.towers import tower
 from compute.models import register_configs
 from compute.organisms import ORGANISMS
 from compute.shapes.accuracy import CAPTION_TARGETS, attribute_accuracy, to_model_input
@@ -166,16 +167,12 @@ def fit(model, cfg: TrainConfig, batches: Callable[[], tuple[torch.Tensor, torch
             checkpoint(step + 1, loss.item())
 
 
-def describe_tower(visual) -> str:
-    """'6 layers x 8 heads, width 128, patch 8, class token' (or 'attention pool')."""
-    trunk = getattr(visual, "trunk", visual)
-    blocks = getattr(trunk, "blocks", None) or visual.transformer.resblocks
-    attn = blocks[0].attn
-    heads = getattr(attn, "num_heads", None) or attn.num_heads
-    width = getattr(trunk, "embed_dim", None) or visual.transformer.width
-    patch = trunk.patch_embed.patch_size[0] if hasattr(trunk, "patch_embed") else visual.patch_size[0]
-    pool = "attention pool" if getattr(trunk, "global_pool", "") == "map" else "class token"
-    return f"{len(blocks)} layers x {heads} heads, width {width}, patch {patch}, {pool}"
+def describe_tower(model) -> str:
+    """'6 layers x 8 heads, width 128, patch 8, class token', from the tower adapter every job uses."""
+    t = tower(model)
+    pool = {"map": "attention pool", "tok": "class token", "avg": "average pool"}[t.pool_type]
+    return (f"{t.n_layers} layers x {t.n_heads} heads, width {t.width}, patch {t.image_size[0] // t.grid[0]}, "
+            f"{pool}")
 
 
 def train(cfg: TrainConfig, out: Path, log=print) -> dict:
@@ -199,7 +196,7 @@ def train(cfg: TrainConfig, out: Path, log=print) -> dict:
     model.load_state_dict({k: v.float() for k, v in load_file(str(out)).items()})
     final = attribute_accuracy(model, tokenizer, n=1000, seed=12345)
     card = {"model": ORGANISMS[cfg.arch], "organism": cfg.arch, "config": asdict(cfg), "wall_minutes": wall / 60,
-            "tower": describe_tower(model.visual), "loss": "sigmoid (SigLIP)" if model.logit_bias is not None else "softmax (CLIP)",
+            "tower": describe_tower(model), "loss": "sigmoid (SigLIP)" if model.logit_bias is not None else "softmax (CLIP)",
             "heldout": final, "targets": CAPTION_TARGETS, "history": history,
             "parameters": sum(p.numel() for p in model.parameters())}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2))
