@@ -554,7 +554,7 @@ class Run:
             so = SecondOrder(self.model.model, layer, slice(int(neuron), int(neuron) + 1), self.model.decomposer())
             self._second_order = {**dict(list(self._second_order.items())[-7:]), key: so}
         pixels = self.model.preprocess(self._pil(image))[None].to(self.model.device)
-        scores = so.token_map(pixels, direction.to(self.model.device))[0, 1:]
+        scores = so.token_map(pixels, direction.to(self.model.device))[0, self.model.info.prefix_tokens:]
         return scores.reshape(tuple(self.manifest["patch_grid"])).float().cpu().numpy()
 
     def _neuron_layer(self, layer: int | None) -> int:

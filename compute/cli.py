@@ -169,7 +169,7 @@ def _index(a: argparse.Namespace) -> None:
 def _neurons(a: argparse.Namespace) -> None:
     from compute.jobs.neurons import run_neurons
     m = run_neurons(a.run, layers=a.layers, images=a.images, texts=a.texts, top_k=a.top_k,
-                    batch_size=a.batch_size, device=a.device)
+                    batch_size=a.batch_size, device=a.device, memory_gib=a.memory)
     n = m["neurons"]
     print(f"neurons: layers {', '.join(map(str, n['layers']))} over {n['settings']['images']} images "
           f"-> {Path(a.run) / 'neurons'}")
@@ -240,6 +240,17 @@ def _at_least(low: int):
 POSITIVE, NONNEGATIVE = _at_least(1), _at_least(0)
 
 
+def _gib(text: str) -> float:
+    """An argparse type: a memory size in GiB, more than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} GiB: give a size above 0, e.g. 0.75 or 8")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the one-line errors of the rest of the tool (argparse alone prints the usage block first)."""
 
@@ -306,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     nr.add_argument("--top-k", type=POSITIVE, default=NEURON_TOP_K, help="top images kept per neuron")
     nr.add_argument("--batch-size", type=POSITIVE, default=32)
     nr.add_argument("--device", default="auto")
+    nr.add_argument("--memory", type=_gib, default=None,
+                    help="GiB of per-neuron state held at once (default 0.75); more means fewer passes over the images")
 
     rp = _command(sub, "report", "a run's summary as one HTML page", _report, run=True)
     rp.add_argument("--out", default=None, help="where to write it (default RUN/report.html)")

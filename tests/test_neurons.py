@@ -13,8 +13,8 @@ import torch
 
 from compute.errors import AtlasError
 from compute.maths.decompose import Decomposer
-from compute.maths.neurons import (SecondOrder, default_neuron_layers, effect_norms, nnls, principal_directions,
-                                   sparse_texts)
+from compute.maths.neurons import (SecondOrder, default_neuron_layers, effect_norms, head_shares, nnls,
+                                   principal_directions, sparse_texts)
 
 from .conftest import random_model
 
@@ -165,7 +165,11 @@ def test_norms_and_directions_need_no_stacked_effects():
             assert abs(abs(float(Vh[0] @ d.direction[n])) - 1) < 1e-9
             assert abs(float(S[0] ** 2 / (S ** 2).sum()) - float(d.share[n])) < 1e-9
             assert float(d.direction[n] @ E.sum(0)) >= 0                               # signed along the mean
-        assert torch.allclose(d.head_share.sum(-1), torch.ones(so.n, dtype=torch.float64))
+        share = head_shares(so.head_moments(b.s), so.head_grams())
+        assert torch.allclose(share.sum(-1), torch.ones(so.n, dtype=torch.float64))
+        # one channel: a head's energy is its coefficient's second moment times its direction's squared norm
+        energy = torch.diagonal(moments, dim1=1, dim2=2) * (so.G ** 2).sum(-1).T
+        assert torch.allclose(share, energy / energy.sum(-1, keepdim=True))
 
 
 def test_neuron_slices_match_the_whole_layer():

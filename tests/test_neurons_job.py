@@ -54,13 +54,16 @@ def test_neuron_slices_and_passes_give_the_same_tables(shapes_run, tmp_path, mon
     import shutil
 
     from compute.jobs import neurons as job
+    from compute.maths.neurons import state_bytes
     run, _ = shapes_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "neurons")
-    G_bytes = 8 * 100 * 128 * 4                         # later heads x neurons x D x 4: ~100 neurons per slice
-    monkeypatch.setattr(job, "G_BUDGET", G_bytes)
-    job.run_neurons(str(copy), progress=False)
+    from compute.models import load_model
+    dec = load_model(json.loads((run / "manifest.json").read_text())["model"]).decomposer()
+    monkeypatch.setattr(job, "STATE_BUDGET", 100 * state_bytes(dec, 4))     # 100 neurons per slice
+    man = job.run_neurons(str(copy), progress=False)
+    assert man["neurons"]["passes"] == 6                                     # 512 neurons
     a = pq.read_table(run / "neurons" / "layer=4.parquet").to_pandas()
     b = pq.read_table(copy / "neurons" / "layer=4.parquet").to_pandas()
     assert np.allclose(a["mean_norm"], b["mean_norm"], rtol=1e-5)

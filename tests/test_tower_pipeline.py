@@ -35,10 +35,12 @@ def tower_store(request, tmp_path_factory, shapes_dir):
     assert main(["label", str(run)]) == 0
     assert main(["metrics", str(run)]) == 0
     assert main(["index", str(run)]) == 0
+    # one MLP layer, a few images: an attention pool's neurons keep D x D moments each (4.7 MB at D = 768)
+    assert main(["neurons", str(run), "--layers", "10", "--images", "4", "--texts", "3", "--memory", "4"]) == 0
     return store, run, data, request.param
 
 
-def test_the_store_records_the_tower(tower_store, capsys):
+def test_the_store_records_the_tower(tower_store):
     _, run, _, spec = tower_store
     family, pool, prefix = TOWERS[spec]
     m = json.loads((run / "manifest.json").read_text())
@@ -48,13 +50,20 @@ def test_the_store_records_the_tower(tower_store, capsys):
     share = pq.read_table(run / "images", columns=["pool_mlp_share"]).column("pool_mlp_share").to_numpy()
     # the share through an attention pool's MLP; a class-token tower has no pool MLP, so no share
     assert np.isfinite(share).all() if pool == "map" else np.isnan(share).all()
-    # neurons are not traced for timm towers yet: a one-line refusal that says why, nothing written
-    capsys.readouterr()
-    assert main(["neurons", str(run)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: cannot compute neuron effects") and "\n" not in err
-    assert not (run / "neurons").exists()
     assert (run / "textspan.parquet").is_file() and (run / "properties.parquet").is_file()
+
+
+def test_neurons_run_on_the_tower(tower_store):
+    _, run, _, spec = tower_store
+    t = pq.read_table(run / "neurons" / "layer=10.parquet").to_pandas()
+    n_neurons = 2048 if spec.startswith("EVA02") else 3072            # SwiGLU's hidden width, else 4 x 768
+    assert len(t) == n_neurons and (t["images"] == 4).all()
+    for col in ("mean_norm", "max_norm", "direct_mean_norm", "direction_share", "main_head_share"):
+        assert np.isfinite(t[col]).all(), col
+    assert (t["max_norm"] >= t["mean_norm"] - 1e-9).all() and (t["mean_norm"] > 0).all()
+    assert t["direction_share"].between(0, 1).all() and (t["main_head_layer"] == 11).all()
+    assert t["texts"].map(len).between(1, 3).all()
+    assert np.allclose(np.linalg.norm(np.stack(t["direction"].to_numpy()), axis=1), 1, atol=1e-5)
 
 
 def test_experiments_run_on_the_tower(tower_store, tmp_path):
@@ -88,6 +97,9 @@ def test_the_api_answers_on_the_tower(tower_store):
     assert len(r.neighbours(int(r.images().image_id[0]), 11, 2, k=3)) == 3
     assert len(r.heads()) == 24
     assert r.describe(image).texts.shape[0] > 0
+    assert len(r.neurons(10, limit=5)) == 5
+    nmap = r.neuron_map(image, 10, int(r.neurons(10, limit=1).neuron[0]))
+    assert nmap.shape == (14, 14) and np.isfinite(nmap).all()
 
 
 def test_every_dashboard_page_renders_on_the_tower(tower_store):

@@ -80,6 +80,9 @@ def reference(model: nn.Module, x: torch.Tensor) -> dict:
         hooks.append(blk.attn.attn_drop.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("p", i), o)))
         hooks.append(blk.attn.norm.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("z", i), a[0])))
         hooks.append(blk.attn.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("h", i), a[0])))
+        hooks.append(blk.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("x", i), a[0])))
+        hooks.append(blk.mlp.norm.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("hid", i), a[0])))
+        hooks.append(blk.mlp.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("mlp", i), o)))
     hooks.append(trunk.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0])))
     out = visual(x)
     for h in hooks:
@@ -171,7 +174,10 @@ def reference(model: nn.Module, x: torch.Tensor) -> dict:
                     write = write * ls if ls is not None else write
                     tok[(h, m_)] = lin(write[:, rows])
             last_tokens = tok
-    return {"heads": torch.stack(heads, 1), "tokens": last_tokens, "const": c, "out": out}
+    # `lin` reads a residual term at the read rows [B, n, W] into the embedding with every statistic frozen, no
+    # bias; `seen` keeps the forward's block inputs, attention probabilities, MLP hidden values and outputs
+    return {"heads": torch.stack(heads, 1), "tokens": last_tokens, "const": c, "out": out, "lin": lin, "rows": rows,
+            "seen": seen}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

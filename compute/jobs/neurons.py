@@ -8,9 +8,10 @@ text description of the direction: non-negative OMP over the run's description p
 pool mean, which every CLIP text shares, is subtracted so that picks say what is specific) and
 L2-normalised again.
 
-The folded readout G of a layer is [later heads, neurons, D]; layers (or neuron slices of a large
-layer) are grouped into passes over the images so that the G's held at once stay under G_BUDGET; one
-forward pass per batch serves every layer and slice of a pass.
+The folded readout G of a layer is [later heads x channels, neurons, r]; where the readout has per-image
+steps (an attention pool's MLP) each neuron also keeps the D x D moments of its explicit effects. Layers (or
+neuron slices of a large layer) are grouped into passes over the images so that the state held at once stays
+under STATE_BUDGET; one forward pass per batch serves every layer and slice of a pass.
 A layer's table is written when it is complete, so an interrupted job resumes at the next layer.
 """
 from __future__ import annotations
@@ -30,15 +31,16 @@ from compute.errors import AtlasError
 from compute.images import ImageRef
 from compute.jobs.textspan import default_pool
 from compute.maths.decompose import resolve_layers
-from compute.maths.neurons import (SecondOrder, default_neuron_layers, effect_norms, neuron_unsupported_reason,
-                                   principal_directions, sparse_texts, trace)
+from compute.maths.neurons import (SecondOrder, default_neuron_layers, dense_directions, effect_norms, head_shares,
+                                   neuron_unsupported_reason, principal_directions, sparse_texts, state_bytes, trace)
 from compute.models import load_model
 from compute.runtime import decoded_batches, default_workers, pick_device
 from compute.store.layout import RunStore, vectors, write_table_atomic
 from compute.store.readers import read_images, vector_column
 from compute.texts import load_pool
 
-G_BUDGET = 768 * 2**20      # bytes of folded readout held at once
+STATE_BUDGET = 768 * 2**20  # bytes of per-neuron state (folded readout, moments) held at once
+EFFECT_CHUNK = 64           # neurons whose explicit effects [batch, neurons, D] are formed at once
 TOP_K = 8                   # top images kept per neuron
 DEFAULT_TEXTS = 5           # texts in a neuron's description
 
@@ -53,52 +55,68 @@ class _Slice:
     sum_norm: torch.Tensor | None = None
     max_norm: torch.Tensor | None = None
     sum_direct: torch.Tensor | None = None
-    moments: torch.Tensor | None = None        # [n, K, K]
-    sums: torch.Tensor | None = None           # [n, K]
+    moments: torch.Tensor | None = None        # [n, K, K] (simple readout) or [n, D, D] (effects formed)
+    sums: torch.Tensor | None = None           # [n, K] or [n, D]
+    blocks: torch.Tensor | None = None         # [n, J, C, C] per later head
     top_vals: torch.Tensor | None = None       # [n, k]
     top_ids: torch.Tensor | None = None
     grams: torch.Tensor | None = None
 
     def start(self, model, k: int, decomposer=None) -> None:
-        self.so = SecondOrder(model, self.layer, self.neurons, decomposer)
-        K, n = self.so.G.shape[:2]
-        fd = self.so.G.dtype
-        dev = self.so.G.device
-        self.sum_norm = torch.zeros(n, dtype=torch.float64, device=dev)
-        self.max_norm = torch.zeros(n, dtype=torch.float64, device=dev)
-        self.sum_direct = torch.zeros(n, dtype=torch.float64, device=dev)
-        self.moments = torch.zeros(n, K, K, dtype=torch.float64, device=dev)
-        self.sums = torch.zeros(n, K, dtype=torch.float64, device=dev)
+        self.so = so = SecondOrder(model, self.layer, self.neurons, decomposer)
+        K, n = so.G.shape[:2]
+        J, C = len(so.heads), so.channels
+        fd, dev = so.G.dtype, so.G.device
+        width = K if so.simple else so.dec.tower.embed_dim
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=dev)   # noqa: E731
+        self.sum_norm, self.max_norm, self.sum_direct = z(n), z(n), z(n)
+        self.moments, self.sums, self.blocks = z(n, width, width), z(n, width), z(n, J, C, C)
         self.top_vals = torch.full((n, k), -1.0, dtype=fd, device=dev)
         self.top_ids = torch.full((n, k), -1, dtype=torch.long, device=dev)
-        self.grams = self.so.grams()
+        self.grams = so.grams() if so.simple else None
 
+    @torch.no_grad()
     def add(self, tr, ids: torch.Tensor) -> None:
-        """Fold in one batch, from a forward `trace` that recorded this slice's layer."""
+        """Fold in one batch, from a forward `tr`ace that recorded this slice's layer."""
         b = self.so.coefficients(tr)
-        norms = effect_norms(b.s, self.grams)                       # [B, n]
+        s = b.s.double()
+        if self.so.simple:
+            norms = effect_norms(b.s, self.grams)                   # [B, n]
+            self.moments += torch.einsum("bkn,bjn->nkj", s, s)
+            self.sums += s.sum(0).T
+        else:                                                       # the effects themselves, a few neurons at a time
+            norms = torch.empty(b.s.shape[0], self.so.n, dtype=b.s.dtype, device=b.s.device)
+            for i in range(0, self.so.n, EFFECT_CHUNK):
+                part = slice(i, min(i + EFFECT_CHUNK, self.so.n))
+                eff = self.so.effects(b.s, part, b.readout)          # [B, chunk, D]
+                norms[:, part] = eff.norm(dim=-1)
+                eff = eff.double().transpose(0, 1)                  # [chunk, B, D]
+                self.moments[part].baddbmm_(eff.transpose(1, 2), eff)   # in place: no [chunk, D, D] temporary
+                self.sums[part] += eff.sum(1)
+        self.blocks += self.so.head_moments(s)
         self.count += len(ids)
         self.sum_norm += norms.sum(0).double()
         self.max_norm = torch.maximum(self.max_norm, norms.max(0).values.double())
         self.sum_direct += b.direct.sum(0).double()
-        s = b.s.double()
-        self.moments += torch.einsum("bkn,bjn->nkj", s, s)
-        self.sums += s.sum(0).T
         vals = torch.cat([self.top_vals, norms.T.to(self.top_vals)], 1)
         cand = torch.cat([self.top_ids, ids.to(self.top_ids.device).expand(norms.shape[1], -1)], 1)
         self.top_vals, pos = vals.topk(self.top_vals.shape[1], dim=1)
         self.top_ids = cand.gather(1, pos)
 
+    @torch.no_grad()
     def finish(self, texts: np.ndarray, n_texts: int) -> dict:
-        d = principal_directions(self.so.G.double(), self.moments, self.sums)
+        so = self.so
+        d = (principal_directions(so.G.double(), self.moments, self.sums) if so.simple
+             else dense_directions(self.moments, self.sums))
         out = {"direction": d.direction.float().cpu().numpy(), "share": d.share.float().cpu().numpy(),
                "mean": (self.sum_norm / max(self.count, 1)).float().cpu().numpy(),
                "max": self.max_norm.float().cpu().numpy(),
                "direct": (self.sum_direct / max(self.count, 1)).float().cpu().numpy(),
                "top_ids": self.top_ids.cpu().numpy(), "top_vals": self.top_vals.float().cpu().numpy()}
-        main = d.head_share.argmax(-1)
-        out["main_head"] = [self.so.heads[int(j)] for j in main.tolist()]
-        out["main_share"] = d.head_share.gather(1, main[:, None])[:, 0].float().cpu().numpy()
+        share = head_shares(self.blocks, so.head_grams().double())
+        main = share.argmax(-1)
+        out["main_head"] = [so.heads[int(j)] for j in main.tolist()]
+        out["main_share"] = share.gather(1, main[:, None])[:, 0].float().cpu().numpy()
         idx, coef, explained = sparse_texts(d.direction.double().cpu(), torch.from_numpy(texts).double(), n_texts)
         out.update(text_idx=idx.numpy(), text_coef=coef.float().numpy(), text_share=explained.float().numpy())
         return out
@@ -110,8 +128,8 @@ def centred_pool(T: np.ndarray) -> np.ndarray:
     return C / np.maximum(np.linalg.norm(C, axis=1, keepdims=True), 1e-12)
 
 
-def plan_passes(slices: list[tuple[int, slice, int]], budget: int = G_BUDGET) -> list[list[tuple[int, slice]]]:
-    """Group (layer, neurons, bytes of G) into passes over the images whose G's fit the budget together."""
+def plan_passes(slices: list[tuple[int, slice, int]], budget: int = STATE_BUDGET) -> list[list[tuple[int, slice]]]:
+    """Group (layer, neurons, bytes of state) into passes over the images whose state fits the budget together."""
     passes: list[list[tuple[int, slice]]] = []
     used = budget + 1
     for layer, sl, nbytes in slices:
@@ -123,9 +141,9 @@ def plan_passes(slices: list[tuple[int, slice, int]], budget: int = G_BUDGET) ->
     return passes
 
 
-def layer_slices(n_neurons: int, K: int, D: int, budget: int = G_BUDGET) -> list[slice]:
-    """Neuron slices of one layer whose G ([K, n, D] float32) fits the budget."""
-    per = max(1, budget // (K * D * 4))
+def layer_slices(n_neurons: int, per_neuron: int, budget: int = STATE_BUDGET) -> list[slice]:
+    """Neuron slices of one layer whose state (`per_neuron` bytes each) fits the budget."""
+    per = max(1, budget // per_neuron)
     return [slice(i, min(i + per, n_neurons)) for i in range(0, n_neurons, per)]
 
 
@@ -137,8 +155,9 @@ def neurons_unsupported(run: str) -> str | None:
 
 def run_neurons(run: str, layers: str | None = None, images: int | None = None, texts: int = DEFAULT_TEXTS,
                 top_k: int = TOP_K, batch_size: int = 32, device: str = "auto", workers: int | None = None,
-                progress: bool = True, loaded=None) -> dict:
-    """Writes RUN/neurons/layer=L.parquet for each chosen MLP layer; returns the updated manifest."""
+                progress: bool = True, loaded=None, memory_gib: float | None = None) -> dict:
+    """Writes RUN/neurons/layer=L.parquet for each chosen MLP layer; returns the updated manifest. `memory_gib`:
+    the per-neuron state held at once (STATE_BUDGET by default); the job makes as many passes as that needs."""
 
     store = RunStore(run)
     man = store.require_complete()
@@ -167,10 +186,12 @@ def run_neurons(run: str, layers: str | None = None, images: int | None = None, 
     before = man.get("neurons") or {}
     done = [l for l in before.get("layers", []) if before.get("settings") == settings and store.neuron_path(l).is_file()]
     todo = [l for l in chosen if l not in done]
-    H, D = man["heads"], man["embed_dim"]
-    n_neurons = loaded.model.visual.transformer.resblocks[0].mlp.c_proj.weight.shape[1]
-    plan = plan_passes([(l, sl, (n_layers - 1 - l) * H * (sl.stop - sl.start) * D * 4) for l in todo
-                        for sl in layer_slices(n_neurons, (n_layers - 1 - l) * H, D)])
+    D = man["embed_dim"]
+    dec = loaded.decomposer()
+    n_neurons = dec.tower.mlp_out_weight(0).shape[1]
+    budget = int(memory_gib * 2**30) if memory_gib is not None else STATE_BUDGET
+    plan = plan_passes([(l, sl, state_bytes(dec, l) * (sl.stop - sl.start)) for l in todo
+                        for sl in layer_slices(n_neurons, state_bytes(dec, l), budget)], budget)
     root = Path(man["images_root"])
     workers = workers or default_workers()
     draft = max(man["image_size"]) * 2
@@ -179,7 +200,6 @@ def run_neurons(run: str, layers: str | None = None, images: int | None = None, 
     started = time.time()
     for p, group in enumerate(plan):
         slices = [_Slice(l, sl) for l, sl in group]
-        dec = loaded.decomposer()
         for s in slices:
             s.start(loaded.model, top_k, dec)
         recorded = tuple(sorted({s.layer for s in slices}))
@@ -200,11 +220,11 @@ def run_neurons(run: str, layers: str | None = None, images: int | None = None, 
             raise AtlasError(f"none of the {len(refs)} images of {run} could be read from {root}")
         for s in slices:
             results.setdefault(s.layer, []).append(s.finish(T, texts))
-            s.so = s.grams = s.moments = None
+            s.so = s.grams = s.moments = s.blocks = None
             if sum(r["mean"].shape[0] for r in results[s.layer]) == n_neurons:
                 _write_layer(store, s.layer, results.pop(s.layer), s.count, pool_texts, D)
                 done = sorted(set(done) | {s.layer})
-                store.update_manifest(neurons={"settings": settings, "layers": done, "skipped": skipped,
+                store.update_manifest(neurons={"settings": settings, "layers": done, "skipped": skipped, "passes": len(plan),
                                                "seconds": round(time.time() - started, 1)})
     return store.manifest()
 

@@ -135,9 +135,14 @@ class Decomposer:
             self.P = self.A[0]
             self.M = [r[:, :, 0] for r in self.R]                   # [H, hd, D]
 
-    def _channels(self, y: torch.Tensor) -> torch.Tensor:
+    def channels(self, y: torch.Tensor) -> torch.Tensor:
         """[..., K, r] -> [..., Dq]: each channel's second factor, summed over channels."""
         return y[..., 0, :] if self.B is None else torch.einsum("...kr,krq->...q", y, self.B)
+
+    def read(self, E: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[B, n, W] residual rows at the read rows -> [B, Dq]: through each channel's readout weights E [B, K, n]
+        and its maps, before the readout's per-image steps."""
+        return self.channels(torch.einsum("bkw,kwr->bkr", torch.einsum("bkn,bnw->bkw", E, rows.to(E.dtype)), self.A))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, token_directions: torch.Tensor | None = None) -> Decomposition:
@@ -155,11 +160,8 @@ class Decomposer:
         E = ro.weights.to(fd)                                       # [B, K, n]
         post = ro.post if ro.steps else (lambda y: y)
 
-        def read(rows: torch.Tensor) -> torch.Tensor:               # [B, n, W] -> [B, Dq]
-            return self._channels(torch.einsum("bkw,kwr->bkr", torch.einsum("bkn,bnw->bkw", E, rows.to(fd)), self.A))
-
         terms = [cache[trace.EMBED][:, cache.pooled]] + [cache[trace.MLP_OUT_POOLED.format(i)] for i in range(self.n_layers)]
-        embed, *mlp = [read(t) for t in terms]
+        embed, *mlp = [self.read(E, t) for t in terms]
         mlp = torch.stack(mlp, 1)                                   # [B, L, Dq]
         # every layer at once (one batched matmul, not one per layer): the heads' outputs at the read rows,
         # concatenated over heads as the forward keeps them, weighted by each channel's readout weights
@@ -172,9 +174,9 @@ class Decomposer:
                 s[:, i] = cache[trace.SUB_SCALE.format(i)].to(fd)
             El = El * s[:, :, None]
         zbar = (El @ z).view(E.shape[0], L, E.shape[1], H, hd)     # [B, L, K, H, hd]
-        heads = self._channels(torch.einsum("blkhd,lhdkr->blhkr", zbar, self.R))    # [B, L, H, Dq]
+        heads = self.channels(torch.einsum("blkhd,lhdkr->blhkr", zbar, self.R))    # [B, L, H, Dq]
         # the output bias is written at every read row, so it carries the rows' total weight per channel
-        bias = self._channels(torch.einsum("bk,lkr->blkr", E.sum(-1), self.bias_dir))   # [B, L, Dq]
+        bias = self.channels(torch.einsum("bk,lkr->blkr", E.sum(-1), self.bias_dir))   # [B, L, Dq]
         attn = heads.sum(2)
         pre_total = embed + mlp.sum(1) + attn.sum(1) + bias.sum(1)
         # post is linear: a layer's sum goes through it once, and only the stored layers' heads one by one

@@ -16,19 +16,25 @@ recomputed from the final residual stream with its statistics frozen (trace.Read
 EVA's LayerNorm inside attention (sub-LN, before W_O): with its sigma frozen per token, centring over the
 concatenated heads is linear, so head h's write is its slice of W_O diag(gamma) C applied to z_h, divided by
 that token's sigma (hook_sub_scale); its beta goes to the layer's bias term.
+
+MLP neurons (Mlp, SwiGLU, GluMlp): neuron n's activation is its hidden value h_n entering fc2 (SwiGLU: the gate
+times the up-projection). Where the MLP normalises its hidden vector (EVA02's scale_mlp) the norm's sigma is
+frozen per token like any other: the activation is h_n / sigma and the write per unit is
+fc2.weight (gamma * (e_n - 1/M)), the centring shared out over the neurons; the norm's beta joins fc2's bias.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 from open_clip.timm_model import TimmModel
-from timm.layers import Attention, AttentionPoolLatent, AttentionRope, GELUTanh, LayerScale, QuickGELU
+from timm.layers import (Attention, AttentionPoolLatent, AttentionRope, GELUTanh, GluMlp, LayerScale, Mlp, QuickGELU,
+                         SwiGLU)
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from compute.errors import AtlasError
 from compute.maths import trace as tr
-from compute.maths.trace import (ActivationCache, HeadWrite, Keep, LinearStep, NormStep, Readout, ReadMaps,
+from compute.maths.trace import (ActivationCache, HeadWrite, Keep, LinearStep, Norm, NormStep, Readout, ReadMaps,
                                  ResidualMLPStep, Step, Tower)
 
 _ATTENTIONS = (Attention, EvaAttention, AttentionRope)
@@ -93,6 +99,14 @@ def unsupported_reason(visual: nn.Module) -> str | None:
     return None
 
 
+def _mlp_reason(mlp: nn.Module) -> str | None:
+    if not isinstance(mlp, (Mlp, SwiGLU, GluMlp)):
+        return f"its MLP is {type(mlp).__name__}, not fc1 -> activation -> fc2"
+    if not _norm_ok(mlp.norm):
+        return f"its MLP normalises with {type(mlp.norm).__name__}"
+    return None
+
+
 def _ls(blk: nn.Module, which: int) -> torch.Tensor | None:
     """LayerScale gamma after attention (1) or the MLP (2), or None."""
     if isinstance(blk, EvaBlock):
@@ -130,6 +144,7 @@ class TimmTower(Tower):
         self.image_size = tuple(t.patch_embed.img_size)
         self.pool = t.attn_pool
         self.pool_type = "map" if self.pool is not None else ("tok" if t.global_pool == "token" else "avg")
+        self.readout_post = self.pool is not None or not isinstance(t.fc_norm, nn.Identity)
         self.linears = _linear_chain(t.head) + _linear_chain(self.visual.head)
         p = next(self.visual.parameters())
         self.stats_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -188,6 +203,32 @@ class TimmTower(Tower):
         A = torch.einsum("vw,khw->kvh", A0, wv)                     # [K, W, hd]
         wp = self.pool.proj.weight.to(fd).view(-1, H, hd)           # [Wp, K, hd]
         return ReadMaps(A, wp.permute(1, 2, 0).contiguous())        # B: [K, hd, Wp]
+
+    # ---- neurons
+    def neuron_unsupported_reason(self) -> str | None:
+        for blk in self.blocks:
+            reason = _mlp_reason(blk.mlp)
+            if reason:
+                return reason
+        return None
+
+    def ln1(self, layer: int) -> Norm:
+        n = self.blocks[layer].norm1
+        return Norm(n.weight, n.bias, n.eps)
+
+    def value_weight(self, layer: int) -> torch.Tensor:
+        return _value_proj(self.blocks[layer].attn)[0]
+
+    def mlp_out_weight(self, layer: int) -> torch.Tensor:
+        mlp = self.blocks[layer].mlp
+        w = mlp.fc2.weight
+        if isinstance(mlp.norm, nn.Identity):
+            return w
+        g = mlp.norm.weight if mlp.norm.weight is not None else torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
+        return w * g - (w @ g)[:, None] / w.shape[1]
+
+    def mlp_scale(self, layer: int) -> torch.Tensor | None:
+        return _ls(self.blocks[layer], 2)
 
     # ---- the readout, frozen
     def readout(self, x: torch.Tensor) -> Readout:
@@ -300,6 +341,15 @@ class TimmTower(Tower):
                     cache[tr.MLP_OUT_POOLED.format(i)] = (out * g if g is not None else out)[:, sl]
             return hook
 
+        def hidden(i):
+            def hook(mod, args):
+                if wanted(tr.MLP_POST.format(i)):
+                    h = args[0]
+                    if isinstance(mod, nn.LayerNorm):
+                        h = h.to(fd) / tr.sigma(h, mod.eps, fd)[..., None]
+                    cache[tr.MLP_POST.format(i)] = h
+            return hook
+
         def final_in(mod, args):
             if wanted(tr.RESID_FINAL):
                 cache[tr.RESID_FINAL] = args[0]
@@ -310,6 +360,8 @@ class TimmTower(Tower):
                 handles.append(blk.attn.register_forward_pre_hook(attn_in(i)))
                 handles.append(blk.attn.norm.register_forward_pre_hook(z_in(i)))
                 handles.append(blk.mlp.register_forward_hook(mlp_out(i, blk)))
+                if isinstance(getattr(blk.mlp, "norm", None), nn.Module):
+                    handles.append(blk.mlp.norm.register_forward_pre_hook(hidden(i)))
                 if wanted(tr.PATTERN.format(i)) or wanted(tr.PATTERN_POOLED.format(i)):
                     fused.append((blk.attn, blk.attn.fused_attn))
                     blk.attn.fused_attn = False                     # the explicit path calls attn_drop(softmax)

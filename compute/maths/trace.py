@@ -12,7 +12,9 @@ block, keeping only the activations it asks for. Names follow TransformerLens's 
     blocks.{l}.attn.hook_v              [B, H, N, hd]  values (bias included)
     blocks.{l}.attn.hook_z_pooled       [B, H, n, hd]  each head's attention output at the read rows, before W_O
     blocks.{l}.attn.hook_sub_scale      [B, n]         1 / sigma of the LayerNorm inside attention (EVA's sub-LN)
-    blocks.{l}.mlp.hook_post            [B, N, M]      the MLP's hidden activations (a neuron's activation)
+    blocks.{l}.mlp.hook_post            [B, N, M]      a neuron's activation: the MLP's hidden value entering its
+                                                       output projection (divided by the sigma of a norm inside
+                                                       the MLP, EVA's scale_mlp, where there is one)
     blocks.{l}.hook_mlp_out_pooled      [B, n, W]      the MLP's write (LayerScale included) at the read rows
     hook_resid_final                    [B, N, W]      residual stream after the last block
     pool.hook_pattern                   [B, K, n]      an attention pool's weights over the read rows
@@ -252,5 +254,26 @@ class Tower:
     def read_maps(self) -> ReadMaps:
         raise NotImplementedError
 
+    #: the readout has per-image steps after pooling (an attention pool's MLP, a norm after pooling), so an
+    #: effect's direction in the embedding depends on the image through them
+    readout_post: bool = False
+
     def neuron_unsupported_reason(self) -> str | None:
-        return f"neuron effects are computed for open_clip ViTs only so far, not for {self.family} towers"
+        """Why a neuron's write is not its activation (MLP_POST) times a fixed vector, or None."""
+        raise NotImplementedError
+
+    def ln1(self, layer: int) -> Norm:
+        """The norm before a block's attention (weight None when it has no gain)."""
+        raise NotImplementedError
+
+    def value_weight(self, layer: int) -> torch.Tensor:
+        """[W_out, W_in]: W_V of every head, stacked."""
+        raise NotImplementedError
+
+    def mlp_out_weight(self, layer: int) -> torch.Tensor:
+        """[W, M]: column n is what neuron n writes per unit of its activation (before LayerScale)."""
+        raise NotImplementedError
+
+    def mlp_scale(self, layer: int) -> torch.Tensor | None:
+        """LayerScale gamma after the MLP, or None."""
+        raise NotImplementedError
