@@ -53,7 +53,7 @@ def _eval_ablation(a: argparse.Namespace) -> None:
     loaded = load_model(a.model, device=pick_device(a.device))
     if a.search:
         from compute.eval.head_search import run_search
-        report = run_search(loaded, data, seed=a.seed, random_k=a.random,
+        report = run_search(loaded, data, seed=a.seed, random_k=a.random, stop=a.stop,
                             property_heads=ablation_heads(loaded, a.ablate, a.run) if a.ablate else None)
     else:
         report = run_ablation(loaded, data, a.ablate, a.run, random_k=a.random, seed=a.seed, mean_from=a.mean_from)
@@ -121,7 +121,8 @@ def _shapes_train(a: argparse.Namespace) -> None:
 def _shapes_spurious(a: argparse.Namespace) -> None:
     from compute.shapes.spurious import format_table, run_spurious
     _check_out(a.out, "folder")
-    report = run_spurious(a.out, seed=a.seed, n_store=a.n, n_test=a.test, random_k=a.random, retrain=a.retrain)
+    report = run_spurious(a.out, seed=a.seed, n_store=a.n, n_test=a.test, random_k=a.random, retrain=a.retrain,
+                          stop=a.stop)
     print(format_table(report))
     print(f"-> {Path(a.out) / 'ablation.json'}")
 
@@ -371,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     ea.add_argument("--search", action="store_true",
                     help="find the heads that narrow the gap between groups on half of the images (seeded), and report "
                          "every condition on the other half only, with bootstrap intervals (docs/reproduce.md)")
+    ea.add_argument("--stop", default="nested", choices=["nested", "gain"],
+                    help="how --search picks the number of heads: nested (default: on a held-back part of the "
+                         "selection half) or gain (the first rule: stop below half a point of gain)")
     ea.add_argument("--device", default="auto")
     ea.add_argument("--out", required=True, help="report, .json")
 
@@ -404,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n", type=POSITIVE, default=2000, help="scenes in the store TextSpan and labels read")
     sp.add_argument("--test", type=POSITIVE, default=1000, help="balanced test images (class x background)")
     sp.add_argument("--random", type=NONNEGATIVE, default=5, help="random ablations to compare with")
+    sp.add_argument("--stop", default="nested", choices=["nested", "gain"],
+                    help="how the search picks the number of heads (see eval ablation --stop)")
     sp.add_argument("--retrain", action="store_true", help="fine-tune the spurious model again (about 10 min on CPU)")
     sp.add_argument("--out", default="artifacts/shapes-spurious")
     cd = _command(s, "card", "rewrite the model card (optionally with a run's ground-truth figures)", _shapes_card)

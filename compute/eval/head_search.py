@@ -14,9 +14,15 @@ mean delta_h over the best group (groups ranked by the model's own accuracy on t
 ablating it alone narrows the gap between them. Every head of every layer is scored.
 
 Search. Greedy over the CANDIDATES best-scored heads: add the head whose ablation, with those already chosen,
-gives the highest worst-group accuracy on the selection part (ties: the higher average); stop when the best
-addition lifts worst-group accuracy by less than MIN_GAIN, or at MAX_HEADS heads. These constants were fixed
-before the first run on any data and are the CLI's defaults.
+gives the highest worst-group accuracy on the selection part (ties: the higher average), up to MAX_HEADS heads.
+
+How many heads (`stop`). `nested` (the default): the selection part is split again, seeded and stratified by
+group, into an inner part (STOP_SPLIT) and a stop part. Scores, candidates and the greedy path to MAX_HEADS are
+found on the inner part alone; the number of heads k is the prefix of that path with the highest worst-group
+accuracy on the stop part (ties: fewer heads; 0 is allowed); the final heads are then the greedy search on the
+whole selection part run for k steps. `gain` (the first rule, kept to reproduce its table): stop when the best
+addition lifts worst-group accuracy on the selection part by less than MIN_GAIN. The constants were fixed before
+the first run on any data; the nested rule was written down before its first run (docs/reproduce.md).
 
 Report, on the test part only: the model as is, the searched heads, the best (chosen on the test part: the
 baseline's most favourable reading) of N random ablations of as many heads drawn from every head, and, given a
@@ -42,6 +48,8 @@ SPLIT = 0.5
 CANDIDATES = 24
 MAX_HEADS = 16
 MIN_GAIN = 0.005
+STOP_SPLIT = 0.5
+STOPS = ("nested", "gain")
 BOOT = 1000
 
 
@@ -75,12 +83,14 @@ def head_gap_scores(hs: HeadScores, idx: np.ndarray, y: np.ndarray, g: np.ndarra
 
 
 def greedy(hs: HeadScores, idx: np.ndarray, y: np.ndarray, g: np.ndarray, names: list[str], means: np.ndarray,
-           order: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[dict]]:
-    """The greedy search over `order` (the candidates); returns the chosen heads and each step's figures."""
+           order: list[tuple[int, int]], max_heads: int = MAX_HEADS,
+           min_gain: float | None = MIN_GAIN) -> tuple[list[tuple[int, int]], list[dict]]:
+    """The greedy search over `order` (the candidates), up to `max_heads` heads, stopping early when an addition
+    gains less than `min_gain` (None: never); returns the chosen heads in the order chosen and each step's figures."""
     chosen: list[tuple[int, int]] = []
     now = accuracy(ablated_scores(hs, chosen, means, idx), y, g, names)
     steps = [{"heads": [], "worst_group": now["worst_group"], "average": now["average"]}]
-    while len(chosen) < MAX_HEADS:
+    while len(chosen) < max_heads:
         best, best_acc = None, None
         for h in order:
             if h in chosen:
@@ -88,12 +98,44 @@ def greedy(hs: HeadScores, idx: np.ndarray, y: np.ndarray, g: np.ndarray, names:
             acc = accuracy(ablated_scores(hs, chosen + [h], means, idx), y, g, names)
             if best_acc is None or (acc["worst_group"], acc["average"]) > (best_acc["worst_group"], best_acc["average"]):
                 best, best_acc = h, acc
-        if best is None or best_acc["worst_group"] - now["worst_group"] < MIN_GAIN:
+        if best is None or (min_gain is not None and best_acc["worst_group"] - now["worst_group"] < min_gain):
             break
         chosen.append(best)
         now = best_acc
         steps.append({"heads": [head_name(*best)], "worst_group": now["worst_group"], "average": now["average"]})
-    return sorted(chosen), steps
+    return chosen, steps
+
+
+def extremes(hs: HeadScores, idx: np.ndarray, y: np.ndarray, g: np.ndarray, names: list[str]) -> tuple[int, int]:
+    """(worst group, best group) by the model's own accuracy on `idx`."""
+    acc = accuracy(hs.base[idx], y, g, names)
+    present = [k for k, n in enumerate(names) if n in acc["groups"]]
+    return (min(present, key=lambda k: acc["groups"][names[k]]), max(present, key=lambda k: acc["groups"][names[k]]))
+
+
+def candidates(hs: HeadScores, idx: np.ndarray, y: np.ndarray, g: np.ndarray, names: list[str],
+               means: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray, list[tuple[int, int]]]:
+    """(the CANDIDATES best heads with a positive score, every head's score [L, H], every head ranked) on `idx`."""
+    worst, best = extremes(hs, idx, y, g, names)
+    scores = head_gap_scores(hs, idx, y, g, means, worst, best)
+    ranked = [(hs.layers[i // scores.shape[1]], int(i % scores.shape[1])) for i in np.argsort(scores, axis=None)[::-1]]
+    return [h for h in ranked if scores[hs.layers.index(h[0]), h[1]] > 0][:CANDIDATES], scores, ranked
+
+
+def nested_length(hs: HeadScores, sel: np.ndarray, y: np.ndarray, g: np.ndarray, names: list[str],
+                  means: np.ndarray, seed: int) -> dict:
+    """The nested stopping rule (module docstring): the number of heads, and the path and curve that chose it.
+    `sel` indexes the images; y and g are the labels and groups of `sel`'s images."""
+    inner, stop = split(g, seed + 1, STOP_SPLIT)                       # positions within sel
+    cands, _, _ = candidates(hs, sel[inner], y[inner], g[inner], names, means)
+    path, _ = greedy(hs, sel[inner], y[inner], g[inner], names, means, cands, min_gain=None)
+    curve = []
+    for k in range(len(path) + 1):
+        acc = accuracy(ablated_scores(hs, path[:k], means, sel[stop]), y[stop], g[stop], names)
+        curve.append({"heads": k, "worst_group": acc["worst_group"], "average": acc["average"]})
+    best = max(curve, key=lambda c: (c["worst_group"], -c["heads"]))
+    return {"rule": "nested", "length": best["heads"], "inner_images": int(len(inner)), "stop_images": int(len(stop)),
+            "path": [head_name(*h) for h in path], "curve": curve}
 
 
 def bootstrap(scores: np.ndarray, y: np.ndarray, g: np.ndarray, names: list[str], seed: int) -> dict:
@@ -144,22 +186,27 @@ def gap_shares(hs: HeadScores, idx: np.ndarray, y: np.ndarray, g: np.ndarray, wo
 
 def run_search(loaded: LoadedModel, data: GroupedSet, hs: HeadScores | None = None, seed: int = 0,
                random_k: int = 5, property_heads: list[tuple[int, int]] | None = None,
-               property_layers: list[int] | None = None, progress: bool = True) -> dict:
-    """The search and its held-out report (module docstring); `hs` reuses per-head scores of every layer."""
+               property_layers: list[int] | None = None, stop: str = "nested", progress: bool = True) -> dict:
+    """The search and its held-out report (module docstring); `hs` reuses per-head scores of every layer; `stop`
+    is how the number of heads is chosen (STOPS)."""
+    if stop not in STOPS:
+        raise ValueError(f"unknown stopping rule {stop!r} (use {' or '.join(STOPS)})")
     info = loaded.info
     hs = hs or head_scores(loaded, data, list(range(info.layers)), progress=progress, components=True)
     y_all, g_all = data.labels[hs.kept], data.groups[hs.kept]
     sel, test = split(g_all, seed)
     names = data.group_names
     means = hs.heads[sel].mean(0)                                      # [L, H, C] over the selection part only
-    base_sel = accuracy(hs.base[sel], y_all[sel], g_all[sel], names)
-    present = [k for k, n in enumerate(names) if n in base_sel["groups"]]
-    worst = min(present, key=lambda k: base_sel["groups"][names[k]])
-    best = max(present, key=lambda k: base_sel["groups"][names[k]])
-    scores = head_gap_scores(hs, sel, y_all[sel], g_all[sel], means, worst, best)
-    ranked = [(hs.layers[i // scores.shape[1]], int(i % scores.shape[1])) for i in np.argsort(scores, axis=None)[::-1]]
-    candidates = [h for h in ranked if scores[hs.layers.index(h[0]), h[1]] > 0][:CANDIDATES]
-    chosen, steps = greedy(hs, sel, y_all[sel], g_all[sel], names, means, candidates)
+    worst, best = extremes(hs, sel, y_all[sel], g_all[sel], names)
+    cands, scores, ranked = candidates(hs, sel, y_all[sel], g_all[sel], names, means)
+    if stop == "nested":
+        stopping = nested_length(hs, sel, y_all[sel], g_all[sel], names, means, seed)
+        chosen, steps = greedy(hs, sel, y_all[sel], g_all[sel], names, means, cands, max_heads=stopping["length"],
+                               min_gain=None)
+    else:
+        stopping = {"rule": "gain", "min_gain": MIN_GAIN}
+        chosen, steps = greedy(hs, sel, y_all[sel], g_all[sel], names, means, cands)
+    chosen = sorted(chosen)
 
     y, g = y_all[test], g_all[test]
     rng = random.Random(seed)
@@ -186,12 +233,15 @@ def run_search(loaded: LoadedModel, data: GroupedSet, hs: HeadScores | None = No
         conditions += [r, condition("searched", chosen)]
         draws += d
     else:
-        conditions.append({**condition("searched", []), "note": "no head narrowed the gap on the selection part"})
+        why = ("no head narrowed the gap on the selection part" if stop == "gain"
+               else "the stop part was best with no head ablated")
+        conditions.append({**condition("searched", []), "note": why})
     return {"model": info.spec, "images": int(len(hs.kept)), "skipped": int(len(data.paths) - len(hs.kept)),
             "classes": data.classes, "group_names": names, "seed": seed, "random_k": random_k,
             "conditions": conditions, "random_draws": draws,
             "search": {"selection_images": int(len(sel)), "test_images": int(len(test)), "split": SPLIT,
                        "candidates": CANDIDATES, "max_heads": MAX_HEADS, "min_gain": MIN_GAIN, "boot": BOOT,
+                       "stop": stopping,
                        "worst_group": names[worst], "best_group": names[best], "steps": steps,
                        "heads": [head_name(*h) for h in chosen],
                        "scores": [{"head": head_name(*h), "score": float(scores[hs.layers.index(h[0]), h[1]])}

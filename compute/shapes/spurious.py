@@ -137,7 +137,7 @@ def write_test_set(out: Path, n: int, seed: int) -> Path:
 
 
 def run_spurious(out: str | Path, seed: int = 1, n_store: int = 2000, n_test: int = 1000, random_k: int = 5,
-                 retrain: bool = False, progress: bool = True) -> dict:
+                 retrain: bool = False, stop: str = "nested", progress: bool = True) -> dict:
     """Store, TextSpan and labels of the spurious model on ordinary scenes (seed), then `eval ablation` of its
     background heads on a balanced test set (seed); writes out/ablation.json and out/ablation.md."""
     out = Path(out)
@@ -150,7 +150,7 @@ def run_spurious(out: str | Path, seed: int = 1, n_store: int = 2000, n_test: in
     data = read_grouped_set(test, test / "groups.csv", test / "classes.csv")
     heads, layers = property_heads(str(run), "background")
     report = run_search(load_model(SPURIOUS_NAME), data, seed=seed, random_k=random_k, property_heads=heads,
-                        property_layers=layers, progress=progress)
+                        property_layers=layers, stop=stop, progress=progress)
     write_json_atomic(report, out / "ablation.json")
     (out / "ablation.md").write_text(format_table(report) + "\n")
     if progress:
