@@ -3,7 +3,8 @@
     python benchmarks/neurons.py [--images 1000] [--batch 50] [--naive-neurons 48]
 
 For each model (a random-init ViT-B-32 at layer 9, the paper's example, and the Shapes CLIP at its default
-layer), in one process:
+layer; `--models ViT-B-16-SigLIP:random --neurons 512` for an attention-pool tower, whose neurons keep D x D
+moments, so a slice of the layer is timed), in one process:
   - plain: `encode_image` over the images, in batches;
   - factorised: what `clip-atlas neurons` does per batch: the forward that yields attention rows, LN scales and
     activations, the coefficients s for every neuron, their norms, the K x K moments and the running top-k;
@@ -31,7 +32,7 @@ def naive_effects(so: SecondOrder, x: torch.Tensor, neurons: range) -> torch.Ten
     """[B, len(neurons), D]: per neuron, its write at every token through each later head, nothing factorised."""
     dec, fd = so.dec, so.dec.fold_dtype
     b = so(x)                         # the forward's attention rows, LN scales and activations
-    W, hd = dec.width, dec.head_dim
+    hd = dec.head_dim
     U = so.writes()
     out = []
     for n in neurons:
@@ -39,16 +40,15 @@ def naive_effects(so: SecondOrder, x: torch.Tensor, neurons: range) -> torch.Ten
         centred = write - write.mean(-1, keepdim=True)
         total = 0
         for k, (l, h) in enumerate(so.heads):
-            blk = dec.tower.blocks[l]
-            lin = centred * blk.ln_1.weight.to(fd)                               # / sigma is inside token_weights
-            v = lin @ blk.attn.in_proj_weight[2 * W + h * hd: 2 * W + (h + 1) * hd].to(fd).T   # [B, N, hd]
+            lin = centred * dec.tower.ln1(l).weight.to(fd)                       # / sigma is inside token_weights
+            v = lin @ dec.tower.value_weight(l)[h * hd:(h + 1) * hd].to(fd).T    # [B, N, hd]
             pooled = torch.einsum("bi,bik->bk", b.token_weights[:, k], v)
             total = total + pooled @ dec.M[l][h]
         out.append(total)
     return torch.stack(out, 1)
 
 
-def bench(spec: str, layer: int | None, n_images: int, batch: int, naive_neurons: int) -> None:
+def bench(spec: str, layer: int | None, n_images: int, batch: int, naive_neurons: int, neurons: int | None) -> None:
     loaded = load_model(spec)
     info = loaded.info
     layer = default_neuron_layers(info.layers)[-1] if layer is None else layer
@@ -56,8 +56,9 @@ def bench(spec: str, layer: int | None, n_images: int, batch: int, naive_neurons
     x = torch.randn(batch, 3, *info.image_size, generator=g)
     n_batches = max(1, n_images // batch)
     t = time.perf_counter()
-    state = _Slice(layer, slice(0, loaded.model.visual.transformer.resblocks[layer].mlp.c_proj.weight.shape[1]))
-    state.start(loaded.model, 8)
+    total = loaded.decomposer().tower.mlp_out_weight(layer).shape[1]
+    state = _Slice(layer, slice(0, min(neurons or total, total)))
+    state.start(loaded.model, 8, loaded.decomposer())
     fold = time.perf_counter() - t
     ids = torch.arange(batch)
 
@@ -78,22 +79,27 @@ def bench(spec: str, layer: int | None, n_images: int, batch: int, naive_neurons
         factorised()
         t_fact += time.perf_counter() - t
     so = state.so
-    xs = x[:2]
-    t = time.perf_counter()
-    with torch.no_grad():
-        naive = naive_effects(so, xs, range(naive_neurons))
-    t_naive = (time.perf_counter() - t) * so.n / naive_neurons / len(xs)
-    with torch.no_grad():
-        exact = so.effects(so(xs).s)[:, :naive_neurons]
-    err = float((naive - exact).abs().max() / exact.abs().max())
     per_plain = t_plain / (n_batches * batch)
     per_fact = t_fact / (n_batches * batch)
-    print(f"\n{spec}, MLP layer {layer}: {so.n} neurons, {len(so.heads)} later heads, {n_batches * batch} images "
-          f"(batch {batch})")
+    kind = "K x K moments" if so.simple else f"effects formed, D x D moments, {so.channels} pool heads"
+    print(f"\n{spec}, MLP layer {layer}: {so.n} of {total} neurons, {len(so.heads)} later heads ({kind}), "
+          f"{n_batches * batch} images (batch {batch})")
     print(f"  plain forward            {1e3 * per_plain:8.2f} ms/image")
-    print(f"  factorised, all neurons  {1e3 * per_fact:8.2f} ms/image  = {per_fact / per_plain:5.2f}x the forward")
-    print(f"  naive per-neuron path    {1e3 * t_naive:8.1f} ms/image  = {t_naive / per_plain:5.1f}x the forward "
-          f"(extrapolated from {naive_neurons} neurons; agrees with the factorised form to {err:.1e})")
+    print(f"  factorised, {so.n:5d} neurons {1e3 * per_fact:8.2f} ms/image  = {per_fact / per_plain:5.2f}x the forward")
+    if so.simple:                     # the naive reference below reads one channel without per-image steps
+        xs = x[:2]
+        t = time.perf_counter()
+        with torch.no_grad():
+            naive = naive_effects(so, xs, range(naive_neurons))
+        t_naive = (time.perf_counter() - t) * so.n / naive_neurons / len(xs)
+        with torch.no_grad():
+            exact = so.effects(so(xs).s)[:, :naive_neurons]
+        err = float((naive - exact).abs().max() / exact.abs().max())
+        print(f"  naive per-neuron path    {1e3 * t_naive:8.1f} ms/image  = {t_naive / per_plain:5.1f}x the forward "
+              f"(extrapolated from {naive_neurons} neurons; agrees with the factorised form to {err:.1e})")
+    t = time.perf_counter()
+    state.finish(torch.nn.functional.normalize(torch.randn(64, info.embed_dim), dim=-1).numpy(), 5)
+    print(f"  directions and texts     {time.perf_counter() - t:8.2f} s for the {so.n} neurons, once per job")
     print(f"  one-off fold of G        {fold:8.2f} s  ({so.G.numel() * so.G.element_size() / 2**20:.0f} MiB)")
 
 
@@ -103,10 +109,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--naive-neurons", type=int, default=48)
     ap.add_argument("--models", default="ViT-B-32:random,shapes")
+    ap.add_argument("--neurons", type=int, default=None, help="time the first N neurons of the layer (default all)")
     a = ap.parse_args()
     torch.manual_seed(0)
     for spec in a.models.split(","):
-        bench(spec, 9 if spec.startswith("ViT-B-32") else None, a.images, a.batch, a.naive_neurons)
+        bench(spec, 9 if spec.startswith("ViT-B-32") else None, a.images, a.batch, a.naive_neurons, a.neurons)
 
 
 if __name__ == "__main__":

@@ -215,5 +215,10 @@ class Decomposer:
         back = ro.post_T(dirs.T[None].expand(B, -1, -1).contiguous()) if ro.steps else dirs.T[None].expand(B, -1, -1)
         back = back.transpose(1, 2)                                 # [B, Dq, K']
         F = back[:, None] if self.B is None else torch.einsum("krq,bqj->bkrj", self.B, back)   # [B, K, r, K']
-        per_token = torch.einsum("bhmd,hdkr->bhmkr", vals, self.R[layer])
+        R = self.R[layer]                                           # [H, hd, K, r]
+        if F.shape[-1] < R.shape[-1]:                               # few directions (texts): fold them in first
+            RF = torch.einsum("hdkr,bkrj->bhdkj", R, F)             # [B, H, hd, K, K']
+            X = torch.einsum("bhkm,bhdkj->bhmdj", eff, RF)         # [B, H, N, hd, K']
+            return torch.einsum("bhmd,bhmdj->bhmj", vals, X)
+        per_token = torch.einsum("bhmd,hdkr->bhmkr", vals, R)
         return torch.einsum("bhkm,bhmkr,bkrj->bhmj", eff, per_token, F)
