@@ -69,3 +69,32 @@ def test_the_report_says_which_rule_chose_the_heads(stop, heads):
         assert "no head narrowed" in by["searched"]["note"]
     with pytest.raises(ValueError, match="unknown stopping rule"):
         run_search(loaded, data, hs=hs, stop="patience", progress=False)
+
+
+def test_the_search_runs_from_the_cli_on_a_labelled_folder(shapes_dir, tmp_path):
+    """`eval ablation --search` on any folder with a path,label,group CSV: the report holds every condition, the
+    rule that chose the heads, and the split of the gap over components, on disjoint halves of the images."""
+    import csv
+    import json
+
+    import pyarrow.parquet as pq
+
+    from compute.cli import main
+    scenes = pq.read_table(shapes_dir / "scenes.parquet").to_pylist()
+    groups, classes, out = tmp_path / "groups.csv", tmp_path / "classes.csv", tmp_path / "search.json"
+    with open(groups, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "group")] + [(s["path"], s["obj1_shape"],
+                                                                 f"{s['obj1_shape']} on {s['background']}")
+                                                                for s in scenes])
+    with open(classes, "w", newline="") as f:
+        csv.writer(f).writerows([("label", "prompt")] + [(c, f"a {c}") for c in ("circle", "square", "triangle",
+                                                                                  "cross")])
+    assert main(["eval", "ablation", "--model", "shapes", "--images", str(shapes_dir), "--groups", str(groups),
+                 "--classes", str(classes), "--search", "--random", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    names = [c["name"] for c in report["conditions"]]
+    assert names[0] == "base" and names[-1] == "searched"
+    search = report["search"]
+    assert search["stop"]["rule"] == "nested" and 0 <= search["stop"]["length"] <= search["max_heads"]
+    assert search["selection_images"] + search["test_images"] == report["images"] == len(scenes)
+    assert len(report["shares"]["every_head"]) == 6 * 8
