@@ -35,7 +35,7 @@ def tower_store(request, tmp_path_factory, shapes_dir):
     assert main(["label", str(run)]) == 0
     assert main(["metrics", str(run)]) == 0
     assert main(["index", str(run)]) == 0
-    # one MLP layer, a few images: an attention pool's neurons keep D x D moments each (4.7 MB at D = 768)
+    # one MLP layer, a few images: an attention pool's neurons keep D x D moments each (2.4 MB at D = 768 in float32)
     assert main(["neurons", str(run), "--layers", "10", "--images", "4", "--texts", "3", "--memory", "4"]) == 0
     return store, run, data, request.param
 

@@ -70,7 +70,9 @@ class _Slice:
         width = K if so.simple else so.dec.tower.embed_dim
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=dev)   # noqa: E731
         self.sum_norm, self.max_norm, self.sum_direct = z(n), z(n), z(n)
-        self.moments, self.sums, self.blocks = z(n, width, width), z(n, width), z(n, J, C, C)
+        self.sums, self.blocks = z(n, width), z(n, J, C, C)
+        # D x D per neuron is kept in the model's own precision (float32 halves the memory and the passes)
+        self.moments = z(n, width, width) if so.simple else torch.zeros(n, width, width, dtype=fd, device=dev)
         self.top_vals = torch.full((n, k), -1.0, dtype=fd, device=dev)
         self.top_ids = torch.full((n, k), -1, dtype=torch.long, device=dev)
         self.grams = so.grams() if so.simple else None
@@ -90,9 +92,9 @@ class _Slice:
                 part = slice(i, min(i + EFFECT_CHUNK, self.so.n))
                 eff = self.so.effects(b.s, part, b.readout)          # [B, chunk, D]
                 norms[:, part] = eff.norm(dim=-1)
-                eff = eff.double().transpose(0, 1)                  # [chunk, B, D]
+                eff = eff.to(self.moments.dtype).transpose(0, 1)    # [chunk, B, D]
                 self.moments[part].baddbmm_(eff.transpose(1, 2), eff)   # in place: no [chunk, D, D] temporary
-                self.sums[part] += eff.sum(1)
+                self.sums[part] += eff.sum(1).double()
         self.blocks += self.so.head_moments(s)
         self.count += len(ids)
         self.sum_norm += norms.sum(0).double()
@@ -107,7 +109,7 @@ class _Slice:
     def finish(self, texts: np.ndarray, n_texts: int) -> dict:
         so = self.so
         d = (principal_directions(so.G.double(), self.moments, self.sums) if so.simple
-             else dense_directions(self.moments, self.sums))
+             else dense_directions(self.moments, self.sums.to(self.moments.dtype)))
         out = {"direction": d.direction.float().cpu().numpy(), "share": d.share.float().cpu().numpy(),
                "mean": (self.sum_norm / max(self.count, 1)).float().cpu().numpy(),
                "max": self.max_norm.float().cpu().numpy(),

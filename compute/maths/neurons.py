@@ -95,14 +95,15 @@ def trace(dec: Decomposer, images: torch.Tensor, layers: tuple[int, ...]) -> Tra
 
 
 def state_bytes(dec: Decomposer, layer: int) -> int:
-    """Bytes per neuron of `layer` that a pass over the images holds: its G, its moments (K x K, or D x D where
-    the readout has per-image steps) and its per-head blocks."""
+    """Bytes per neuron of `layer` that a pass over the images holds: its G, its moments (K x K in float64, or
+    D x D in the model's precision where the readout has per-image steps) and its per-head blocks."""
     K_r, r = dec.A.shape[0], dec.A.shape[-1]
     J = (dec.n_layers - 1 - layer) * dec.n_heads
     K = J * K_r
     D = dec.tower.embed_dim
     simple = dec.simple and not dec.tower.readout_post
-    return 4 * K * r + 8 * (K * K if simple else D * D + D) + 8 * J * K_r * K_r
+    item = torch.finfo(dec.fold_dtype).bits // 8
+    return item * K * r + (8 * K * K if simple else item * D * D + 8 * D) + 8 * J * K_r * K_r
 
 
 class SecondOrder:
@@ -280,14 +281,16 @@ def dense_directions(moments: torch.Tensor, sums: torch.Tensor) -> Directions:
 
 
 def top_eigen(A: torch.Tensor, start: torch.Tensor | None = None, block: int = 8, iters: int = 300,
-              tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+              tol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The top eigenpair of each symmetric positive semi-definite A [n, D, D]: (values [n], vectors [n, D]).
 
     A full eigendecomposition costs about 10 D^3 per matrix (0.12 s at D = 768 on 2 CPU cores, minutes for a
     layer's neurons); only the top pair is needed, so a block of `block` vectors (the first `start` [n, D], e.g.
     the mean effect) is iterated, V <- orth(A V), with Rayleigh-Ritz on the block. A pair counts as converged when
-    ||A v - lambda v|| <= tol * lambda; matrices that have not converged after `iters` get the full eigh."""
+    ||A v - lambda v|| <= tol * lambda (default 1e-10 in float64, 1e-5 in float32); matrices that have not
+    converged after `iters` get the full eigh."""
     n, D, _ = A.shape
+    tol = tol if tol is not None else (1e-10 if A.dtype == torch.float64 else 1e-5)
     if D <= 4 * block:
         vals, vecs = torch.linalg.eigh(A)
         return vals[..., -1], vecs[..., -1]
