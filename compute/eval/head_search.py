@@ -36,6 +36,7 @@ much the MLPs carry (which no head ablation can remove), and which heads carry m
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -113,13 +114,24 @@ def extremes(hs: HeadScores, idx: np.ndarray, y: np.ndarray, g: np.ndarray, name
     return (min(present, key=lambda k: acc["groups"][names[k]]), max(present, key=lambda k: acc["groups"][names[k]]))
 
 
+@dataclass
+class Candidates:
+    """What the scoring of every head on some images gives the greedy search."""
+    heads: list[tuple[int, int]]      # the CANDIDATES best heads with a positive score, best first
+    scores: np.ndarray                # [L, H] every head's score
+    ranked: list[tuple[int, int]]     # every head, best first
+    worst: int                        # the worst and best group there, by the model's own accuracy
+    best: int
+
+
 def candidates(hs: HeadScores, idx: np.ndarray, y: np.ndarray, g: np.ndarray, names: list[str],
-               means: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray, list[tuple[int, int]]]:
-    """(the CANDIDATES best heads with a positive score, every head's score [L, H], every head ranked) on `idx`."""
+               means: np.ndarray) -> Candidates:
+    """Every head scored on the images `idx` (labels y, groups g), and the candidates for the search."""
     worst, best = extremes(hs, idx, y, g, names)
     scores = head_gap_scores(hs, idx, y, g, means, worst, best)
     ranked = [(hs.layers[i // scores.shape[1]], int(i % scores.shape[1])) for i in np.argsort(scores, axis=None)[::-1]]
-    return [h for h in ranked if scores[hs.layers.index(h[0]), h[1]] > 0][:CANDIDATES], scores, ranked
+    heads = [h for h in ranked if scores[hs.layers.index(h[0]), h[1]] > 0][:CANDIDATES]
+    return Candidates(heads, scores, ranked, worst, best)
 
 
 def nested_length(hs: HeadScores, sel: np.ndarray, y: np.ndarray, g: np.ndarray, names: list[str],
@@ -127,8 +139,8 @@ def nested_length(hs: HeadScores, sel: np.ndarray, y: np.ndarray, g: np.ndarray,
     """The nested stopping rule (module docstring): the number of heads, and the path and curve that chose it.
     `sel` indexes the images; y and g are the labels and groups of `sel`'s images."""
     inner, stop = split(g, seed + 1, STOP_SPLIT)                       # positions within sel
-    cands, _, _ = candidates(hs, sel[inner], y[inner], g[inner], names, means)
-    path, _ = greedy(hs, sel[inner], y[inner], g[inner], names, means, cands, min_gain=None)
+    cands = candidates(hs, sel[inner], y[inner], g[inner], names, means)
+    path, _ = greedy(hs, sel[inner], y[inner], g[inner], names, means, cands.heads, min_gain=None)
     curve = []
     for k in range(len(path) + 1):
         acc = accuracy(ablated_scores(hs, path[:k], means, sel[stop]), y[stop], g[stop], names)
@@ -197,15 +209,15 @@ def run_search(loaded: LoadedModel, data: GroupedSet, hs: HeadScores | None = No
     sel, test = split(g_all, seed)
     names = data.group_names
     means = hs.heads[sel].mean(0)                                      # [L, H, C] over the selection part only
-    worst, best = extremes(hs, sel, y_all[sel], g_all[sel], names)
-    cands, scores, ranked = candidates(hs, sel, y_all[sel], g_all[sel], names, means)
+    cands = candidates(hs, sel, y_all[sel], g_all[sel], names, means)
+    scores, ranked = cands.scores, cands.ranked
     if stop == "nested":
         stopping = nested_length(hs, sel, y_all[sel], g_all[sel], names, means, seed)
-        chosen, steps = greedy(hs, sel, y_all[sel], g_all[sel], names, means, cands, max_heads=stopping["length"],
-                               min_gain=None)
+        chosen, steps = greedy(hs, sel, y_all[sel], g_all[sel], names, means, cands.heads,
+                               max_heads=stopping["length"], min_gain=None)
     else:
         stopping = {"rule": "gain", "min_gain": MIN_GAIN}
-        chosen, steps = greedy(hs, sel, y_all[sel], g_all[sel], names, means, cands)
+        chosen, steps = greedy(hs, sel, y_all[sel], g_all[sel], names, means, cands.heads)
     chosen = sorted(chosen)
 
     y, g = y_all[test], g_all[test]
@@ -242,8 +254,8 @@ def run_search(loaded: LoadedModel, data: GroupedSet, hs: HeadScores | None = No
             "search": {"selection_images": int(len(sel)), "test_images": int(len(test)), "split": SPLIT,
                        "candidates": CANDIDATES, "max_heads": MAX_HEADS, "min_gain": MIN_GAIN, "boot": BOOT,
                        "stop": stopping,
-                       "worst_group": names[worst], "best_group": names[best], "steps": steps,
+                       "worst_group": names[cands.worst], "best_group": names[cands.best], "steps": steps,
                        "heads": [head_name(*h) for h in chosen],
                        "scores": [{"head": head_name(*h), "score": float(scores[hs.layers.index(h[0]), h[1]])}
                                   for h in ranked[:CANDIDATES]]},
-            "shares": gap_shares(hs, sel, y_all[sel], g_all[sel], worst, best)}
+            "shares": gap_shares(hs, sel, y_all[sel], g_all[sel], cands.worst, cands.best)}

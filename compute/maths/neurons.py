@@ -195,30 +195,26 @@ class SecondOrder:
         (the batch's, NeuronBatch.readout) is needed where the readout has per-image steps."""
         G = self.G if neurons is None else self.G[:, neurons]
         s = s if neurons is None else s[:, :, neurons]
-        if self.simple:
-            return torch.einsum("bkn,knd->bnd", s, G)
-        if readout is None and self.dec.tower.readout_post:
-            raise ValueError("this tower's readout has per-image steps: pass the batch's readout")
-        B, K, n = s.shape
-        J, C = K // self.channels, self.channels
-        y = torch.einsum("bjkn,jknr->bnkr", s.view(B, J, C, n), G.view(J, C, n, -1))
-        return self._through(y, readout)
+        return self._combine(s, G, readout)
 
     @torch.no_grad()
     def token_effects(self, batch: NeuronBatch, neuron: int, directions: torch.Tensor | None = None) -> torch.Tensor:
         """[B, N, D] (or [B, N, K'] projected on `directions` [D, K']): neuron `neuron`'s second-order effect
         split over the tokens it writes at; summed over tokens it is the neuron's effect."""
-        G = self.G[:, neuron]                                       # [K, r]
-        coef = batch.token_weights * batch.act[:, None, :, neuron]  # [B, K, N]
-        if self.simple:
-            if directions is not None:
-                G = G @ directions.to(G)
-            return torch.einsum("bki,kd->bid", coef, G)
-        B, K, N = coef.shape
-        J, C = K // self.channels, self.channels
-        y = torch.einsum("bjki,jkr->bikr", coef.view(B, J, C, N), G.view(J, C, -1))
-        out = self._through(y, batch.readout)
+        coef = batch.token_weights * batch.act[:, None, :, neuron]  # [B, K, N]: the tokens take the neurons' place
+        out = self._combine(coef, self.G[:, neuron:neuron + 1].expand(-1, coef.shape[-1], -1), batch.readout)
         return out if directions is None else out @ directions.to(out)
+
+    def _combine(self, s: torch.Tensor, G: torch.Tensor, readout: tr.Readout | None) -> torch.Tensor:
+        """sum_jk s[b, jk, m] G[jk, m] B[k], through the readout's steps: [B, K, M] x [K, M, r] -> [B, M, D]."""
+        if self.simple:
+            return torch.einsum("bkm,kmd->bmd", s, G)
+        if readout is None and self.dec.tower.readout_post:
+            raise ValueError("this tower's readout has per-image steps: pass the batch's readout")
+        B, K, M = s.shape
+        J, C = K // self.channels, self.channels
+        y = torch.einsum("bjkm,jkmr->bmkr", s.view(B, J, C, M), G.reshape(J, C, M, -1))
+        return self._through(y, readout)
 
     @torch.no_grad()
     def token_map(self, images: torch.Tensor, direction: torch.Tensor, neuron: int = 0) -> torch.Tensor:
