@@ -23,7 +23,8 @@ demo: setup
 
 test: setup browser
 	$(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 $(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist loadscope -m "not serial"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m serial
 
 bench: setup
 	$(PY) benchmarks/decompose.py

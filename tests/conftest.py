@@ -25,6 +25,38 @@ def _register() -> None:
 
 _register()
 
+#: modules whose module-scoped fixture is parametrised by an independent model: under pytest-xdist each model's
+#: tests may go to their own worker (every other module's tests stay on one worker, sharing its fixtures)
+SPLIT_BY_MODEL = ("test_tower_pipeline", "test_towers", "test_neurons_towers")
+#: run first: their groups are the longest, and a long group scheduled last leaves the other worker idle
+FIRST = ("test_tower_pipeline",)
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work for one xdist worker: the test's module, or module and model for SPLIT_BY_MODEL."""
+    module, _, rest = nodeid.partition("::")
+    if Path(module).stem in SPLIT_BY_MODEL and rest.endswith("]") and "[" in rest:
+        return f"{module}[{rest.split('[', 1)[1]}"
+    return module
+
+
+@pytest.hookimpl(optionalhook=True)      # a hook of pytest-xdist: plain pytest runs without it
+def pytest_xdist_make_scheduler(config, log):
+    """`pytest -n N --dist loadscope` (the Makefile's parallel phase) with the groups of `work_unit`."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModuleAndModel(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByModuleAndModel(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda it: Path(it.path).stem not in FIRST)
+
 
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
     """Move biases, LayerNorm gains, LayerScale and embeddings off their init values (zero biases hide bias bugs)."""

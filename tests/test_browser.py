@@ -27,7 +27,8 @@ PAGES = {"atlas": ("Head atlas", 0), "": ("Leaderboard", 0), "property_search": 
 FIRST_PAINT_LIMIT_S = 5.0
 TIMINGS = ROOT / "screenshots" / "timings.json"
 
-pytestmark = pytest.mark.slow
+# timed against limits: run alone (`-m serial`), never beside other tests
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 def _free_port() -> int:
