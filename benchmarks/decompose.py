@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import median, peak_rss_of, timeit, verdict  # noqa: E402
 from compute.maths.decompose import Decomposer, resolve_layers  # noqa: E402
+from compute.maths.trace import RESID_FINAL  # noqa: E402
 from compute.models import load_model  # noqa: E402
 
 
@@ -60,9 +61,16 @@ def throughput(spec: str, batch: int, repeat: int, device: str = "cpu", precisio
 
     with torch.no_grad(), cast:
         err = (store_path(x).embedding.float() - torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1))
-    t_plain, t_dec, t_maps, t_text = [], [], [], []
-    for _ in range(repeat):          # interleave so that machine noise hits all three alike
+        resid = store_path.tower.run(x, {RESID_FINAL})[RESID_FINAL]
+
+    def readout():                   # the frozen readout alone (norm scales, a pool's weights and gates), fp32
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            store_path.tower.readout(resid)
+        sync()
+    t_plain, t_dec, t_maps, t_text, t_read = [], [], [], [], []
+    for _ in range(repeat):          # interleave so that machine noise hits all of them alike
         t_plain += timeit(plain, 1, 0)
+        t_read += timeit(readout, 1, 0)
         t_dec += timeit(decompose, 1, 0)
         t_maps += timeit(maps, 1, 0)
         t_text += timeit(text_maps, 1, 0)
@@ -74,7 +82,8 @@ def throughput(spec: str, batch: int, repeat: int, device: str = "cpu", precisio
           f"(target >= 0.9x: {verdict(ratio >= 0.9)})")
     print(f"{'':24s} token maps, all layers, along a text: {text_cost:.2f}x a plain forward (target <= 1.5x: "
           f"{verdict(text_cost <= 1.5)}); D-wide: {cost:.2f}x; decomposition vs encode_image: max |diff| "
-          f"{err.abs().max().item():.1e}", flush=True)
+          f"{err.abs().max().item():.1e}")
+    print(f"{'':24s} of which the frozen readout: {median(t_read) / median(t_plain):.3f} of a plain forward", flush=True)
 
 
 def peak_rss(n: int) -> None:

@@ -249,3 +249,23 @@ def test_saliency_baselines_read_the_readouts_query(family):
     if FAMILIES[name] == "map":
         assert traced.pool is not None
         assert close(maps["attention"].flatten(), traced.pool.mean(1)[0, t.prefix:])
+
+
+def test_an_attention_pool_with_query_and_key_norms_sums_to_its_output():
+    """The readout folds the pool's query through W_K when keys are not normalised; with a k_norm it computes the
+    keys per token. Both must give the tower's own output."""
+    model = small_tower("ViT-B-16-SigLIP")
+    pool = model.visual.trunk.attn_pool
+    g = torch.Generator().manual_seed(5)
+    for name in ("q_norm", "k_norm"):
+        norm = nn.LayerNorm(pool.head_dim).double()
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.3 * torch.randn(pool.head_dim, generator=g, dtype=torch.float64))
+            norm.bias.copy_(0.2 * torch.randn(pool.head_dim, generator=g, dtype=torch.float64))
+        setattr(pool, name, norm)
+    x = images()
+    d = Decomposer(model, head_layers=range(BLOCKS))(x)
+    with torch.no_grad():
+        out = model.encode_image(x)
+    assert torch.allclose(d.embedding, nn.functional.normalize(out, dim=-1), atol=1e-12)
+    assert torch.allclose(d.total(), d.embedding, atol=1e-12)
