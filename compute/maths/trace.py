@@ -248,6 +248,10 @@ class Tower:
         when RESID_FINAL is kept. Gradients flow when enabled."""
         raise NotImplementedError
 
+    def readout(self, resid_final: torch.Tensor) -> Readout:
+        """The frozen readout of a batch from its last residual stream [B, N, W] (what `run` sets on the cache)."""
+        raise NotImplementedError
+
     def head_write(self, layer: int) -> HeadWrite:
         raise NotImplementedError
 
