@@ -257,23 +257,24 @@ class TimmTower(Tower):
             K, hd = pool.num_heads, pool.head_dim
             W = self.width
             y = fnorm(rows)                                         # [B, n, W] the tokens the pool attends over
-            q = pool.q_norm(pool.q(pool.latent.expand(B, -1, -1)).view(B, 1, K, hd).transpose(1, 2))[:, :, 0].to(fd)
+            q = pool.q_norm(pool.q(pool.latent).view(K, hd)).to(fd)   # [K, hd], the same for every image
             wk, wv = pool.kv.weight[:W].to(fd), pool.kv.weight[W:].to(fd)
             kb, vb = ((pool.kv.bias[:W].to(fd), pool.kv.bias[W:].to(fd)) if pool.kv.bias is not None
                       else (torch.zeros(W, dtype=fd, device=x.device),) * 2)
+            wp, bp = pool.proj.weight.to(fd), pool.proj.bias.to(fd)
             if isinstance(pool.k_norm, nn.Identity):
                 # q . (W_K y + b_K) = (W_K^T q) . y + q . b_K: one W-vector per channel instead of keys per token
-                qk = torch.einsum("bkd,kdw->bkw", q, wk.view(K, hd, W))
-                s = qk @ y.transpose(1, 2) + (q * kb.view(K, hd)).sum(-1)[..., None]          # [B, K, n]
+                qk = torch.einsum("kd,kdw->kw", q, wk.view(K, hd, W))
+                s = qk @ y.transpose(1, 2) + (q * kb.view(K, hd)).sum(-1)[:, None]            # [B, K, n]
             else:
                 k = pool.k_norm((y @ wk.T + kb).view(B, -1, K, hd).transpose(1, 2))       # [B, K, n, hd]
-                s = (q[:, :, None] @ k.transpose(-1, -2))[:, :, 0]
+                s = (k @ q[..., None])[..., 0]
             a = torch.softmax(s * pool.scale, dim=-1)               # [B, K, n]
             weights = a * inv[:, None]
             # sum_t a[k, t] (W_V y_t + b_V) = W_V (a y)_k + b_V, since each row of a sums to 1
             v = torch.einsum("bkw,kdw->bkd", a @ y, wv.view(K, hd, W)) + vb.view(K, hd)
-            o = v.reshape(B, -1) @ pool.proj.weight.to(fd).T + pool.proj.bias.to(fd)
-            pooled_const = ((beta @ wv.T + vb) @ pool.proj.weight.to(fd).T + pool.proj.bias.to(fd)).expand(B, -1)
+            o = v.reshape(B, -1) @ wp.T + bp
+            pooled_const = ((beta @ wv.T + vb) @ wp.T + bp).expand(B, -1)
             mlp = pool.mlp
             norm = self._norm_step(pool.norm, o)
             u = (norm.lin(o[:, None]) + (norm.bias(B) if norm.bias(B) is not None else 0))[:, 0]
