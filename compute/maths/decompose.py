@@ -160,12 +160,15 @@ class Decomposer:
         E = ro.weights.to(fd)                                       # [B, K, n]
         post = ro.post if ro.steps else (lambda y: y)
 
-        terms = [cache[trace.EMBED][:, cache.pooled]] + [cache[trace.MLP_OUT_POOLED.format(i)] for i in range(self.n_layers)]
-        embed, *mlp = [self.read(E, t) for t in terms]
-        mlp = torch.stack(mlp, 1)                                   # [B, L, Dq]
+        L, H, hd = self.n_layers, self.n_heads, self.head_dim
+        # the embedding and each layer's MLP write at the read rows, weighted per channel, then read through the
+        # channels' maps together
+        terms = [cache[trace.EMBED][:, cache.pooled]] + [cache[trace.MLP_OUT_POOLED.format(i)] for i in range(L)]
+        weighted = torch.stack([E @ t.to(fd) for t in terms], 1)  # [B, 1 + L, K, W]
+        written = self.channels(torch.einsum("blkw,kwr->blkr", weighted, self.A))   # [B, 1 + L, Dq]
+        embed, mlp = written[:, 0], written[:, 1:]
         # every layer at once (one batched matmul, not one per layer): the heads' outputs at the read rows,
         # concatenated over heads as the forward keeps them, weighted by each channel's readout weights
-        L, H, hd = self.n_layers, self.n_heads, self.head_dim
         z = torch.stack([cache[trace.Z_POOLED.format(i)].transpose(1, 2).flatten(2) for i in range(L)], 1).to(fd)
         El = E[:, None].expand(-1, L, -1, -1)                       # [B, L, K, n]
         if self.scaled:                                             # a sub-LN divides each token's write by its sigma
@@ -179,9 +182,11 @@ class Decomposer:
         bias = self.channels(torch.einsum("bk,lkr->blkr", E.sum(-1), self.bias_dir))   # [B, L, Dq]
         attn = heads.sum(2)
         pre_total = embed + mlp.sum(1) + attn.sum(1) + bias.sum(1)
-        # post is linear: a layer's sum goes through it once, and only the stored layers' heads one by one
-        embed, mlp, attn, bias = post(embed), post(mlp), post(attn), post(bias)
-        heads = post(heads[:, self.head_layers])                    # [B, len(head_layers), H, D]
+        # post is linear: one pass for every part, a layer's heads as their sum and the stored layers' heads one by one
+        stored = heads[:, self.head_layers].flatten(1, 2)           # [B, len(head_layers) * H, Dq]
+        parts = post(torch.cat([embed[:, None], mlp, attn, bias, stored], 1))
+        embed, mlp, attn, bias, heads = parts.split([1, L, L, L, stored.shape[1]], 1)
+        embed, heads = embed[:, 0], heads.unflatten(1, (len(self.head_layers), H))   # [B, D], [B, len, H, D]
         const = ro.const().to(fd)                                   # [B, D]
         out = embed + mlp.sum(1) + attn.sum(1) + bias.sum(1) + const
         norm = out.norm(dim=-1, keepdim=True)                       # [B, 1]
