@@ -64,7 +64,7 @@ def synthetic_run(n: int, head_layers: list[int] = HEAD_LAYERS, heads: int = HEA
         store.write_chunk(ch, head_layers, rank=0)
         if start % (20 * CHUNK) == 0:
             print(f"  writing {n:,} images: {start + b:,} ({(start + b) / max(time.time() - t0, 1e-9):.0f} img/s)", flush=True)
-    store.finish()
+    store.finish(store.usable_markers())
     return run
 
 

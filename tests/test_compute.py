@@ -166,6 +166,57 @@ def test_rerun_resumes_after_kill_9(shapes_dir, tmp_path):
     assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
 
 
+def test_ctrl_c_keeps_every_decomposed_batch_and_the_rerun_finishes(shapes_dir, tmp_path, monkeypatch, capsys):
+    """Chunks are written in the background: an interrupt must still leave every batch decomposed before it on
+    disk (the chunk in flight and the partial one), each behind its marker, and a rerun does only the rest."""
+    from compute.maths.decompose import Decomposer
+    run, calls = tmp_path / "run", []
+    decompose = Decomposer.__call__
+
+    def interrupted_at_the_eighth_batch(self, images, *a, **k):
+        calls.append(len(images))
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return decompose(self, images, *a, **k)
+
+    monkeypatch.setattr(Decomposer, "__call__", interrupted_at_the_eighth_batch)
+    argv = ["compute", "--model", MODEL, "--images", str(shapes_dir), "--out", str(run), "--batch-size", "4",
+            "--chunk-size", "8"]
+    assert main(argv) == 130
+    assert "resumes" in capsys.readouterr().err
+    stored = fetch("SELECT count(*), count(DISTINCT image_id) FROM read_parquet(?)", [str(run / "images" / "*.parquet")])
+    assert stored == [(28, 28)]                        # seven batches of 4: three whole chunks and a partial one
+    assert len(RunStore(run).markers()) == 4
+    monkeypatch.setattr(Decomposer, "__call__", decompose)
+    assert main(argv) == 0
+    ids = [i for (i,) in fetch("SELECT image_id FROM read_parquet(?)", [str(run / "images" / "*.parquet")])]
+    assert len(ids) == 48 and len(set(ids)) == 48
+    heads = fetch("SELECT count(*) FROM read_parquet(?)", [str(run / "heads" / "layer=*" / "head=*" / "*.parquet")])
+    assert heads[0][0] == 48 * len(RunStore(run).manifest()["head_layers"]) * RunStore(run).manifest()["heads"]
+
+
+def test_a_failed_background_write_is_one_line_and_leaves_no_marker(shapes_dir, tmp_path, monkeypatch, capsys):
+    from compute.store import layout
+    written = layout.write_table_atomic
+
+    def full_disk_on_the_second_chunk(table, path):
+        if len(list((tmp_path / "run" / "_chunks").glob("*.json"))) >= 1:
+            raise OSError(28, "No space left on device", str(path))
+        written(table, path)
+
+    monkeypatch.setattr(layout, "write_table_atomic", full_disk_on_the_second_chunk)
+    argv = ["compute", "--model", MODEL, "--images", str(shapes_dir), "--out", str(tmp_path / "run"),
+            "--batch-size", "8", "--chunk-size", "16", "--limit", "48"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].split("\r")[-1].startswith("error: No space left on device: ")
+    assert len(RunStore(tmp_path / "run").markers()) == 1     # the failed chunk has no marker: a rerun redoes it
+    monkeypatch.setattr(layout, "write_table_atomic", written)
+    assert main(argv) == 0
+    assert len(fetch("SELECT image_id FROM read_parquet(?)", [str(tmp_path / "run" / "images" / "*.parquet")])) == 48
+
+
 def test_rerunning_a_complete_run_changes_nothing(shapes_dir, tmp_path):
     run = tmp_path / "run"
     cfg = ComputeConfig(MODEL, str(shapes_dir), str(run), limit=6)

@@ -15,6 +15,7 @@ from compute.maths.decompose import Decomposer, component_layout, resolve_layers
 from compute.models import LoadedModel, load_model
 from compute.runtime import Distributed, decoded_batches, default_workers, pick_device
 from compute.store.layout import STORE_DTYPES, Chunk, RunStore
+from compute.store.writer import ChunkWriter
 
 #: Memory for one chunk's rows; the chunk is also the unit a resumed run may redo.
 CHUNK_BYTES = 64 * 2**20
@@ -85,38 +86,39 @@ def run_compute(cfg: ComputeConfig, loaded: LoadedModel | None = None, progress:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16) \
         if cfg.precision in ("bf16", "fp16") else torch.autocast("cpu", enabled=False)
 
-    bar = tqdm(total=len(mine), unit="img", desc=f"compute[{dist.rank}]" if dist.active else "compute",
-               disable=not progress, position=dist.rank, dynamic_ncols=True)
     chunk = Chunk()
-    try:
-        draft = max(info.image_size) * 2
-        workers = cfg.workers or default_workers()
-        for batch, pixels, skipped in decoded_batches(mine, root, loaded.preprocess, cfg.batch_size, workers, draft):
-            chunk.skipped += skipped
-            if pixels is not None:
-                with autocast:
-                    d = decomposer(pixels.to(device))
-                chunk.image_ids += [r.image_id for r in batch]
-                chunk.paths += [r.path for r in batch]
-                chunk.labels += [r.label for r in batch]
-                chunk.embeddings.append(d.embedding.float().cpu().numpy())
-                chunk.components.append((d.components().float().cpu().numpy(), kinds, comp_layers))
-                chunk.heads.append(d.heads.float().cpu().numpy())
-                chunk.pool_mlp_share += ([None] * len(batch) if d.pool_mlp is None
-                                         else (d.pool_mlp * d.embedding).sum(-1).tolist())
-            bar.update(len(batch) + len(skipped))
-            if len(chunk) + len(chunk.skipped) >= chunk_size:
-                store.write_chunk(chunk, head_layers, dist.rank, cfg.store_dtype)
-                chunk = Chunk()
-    except KeyboardInterrupt:
-        # what is decoded and decomposed is complete; keep it, then stop
+    workers = cfg.workers or default_workers()
+    # the bar closes (its line ends) before any error is printed; chunks go to disk in the background while the
+    # next batches are decomposed (a GPU outruns the writer)
+    with tqdm(total=len(mine), unit="img", desc=f"compute[{dist.rank}]" if dist.active else "compute",
+              disable=not progress, position=dist.rank, dynamic_ncols=True) as bar, \
+            ChunkWriter(store, head_layers, dist.rank, cfg.store_dtype, threads=workers) as writer:
+        try:
+            draft = max(info.image_size) * 2
+            for batch, pixels, skipped in decoded_batches(mine, root, loaded.preprocess, cfg.batch_size, workers, draft):
+                chunk.skipped += skipped
+                if pixels is not None:
+                    with autocast:
+                        d = decomposer(pixels.to(device))
+                    chunk.image_ids += [r.image_id for r in batch]
+                    chunk.paths += [r.path for r in batch]
+                    chunk.labels += [r.label for r in batch]
+                    chunk.embeddings.append(d.embedding.float().cpu().numpy())
+                    chunk.components.append((d.components().float().cpu().numpy(), kinds, comp_layers))
+                    chunk.heads.append(d.heads.float().cpu().numpy())
+                    chunk.pool_mlp_share += ([None] * len(batch) if d.pool_mlp is None
+                                             else (d.pool_mlp * d.embedding).sum(-1).tolist())
+                bar.update(len(batch) + len(skipped))
+                if len(chunk) + len(chunk.skipped) >= chunk_size:
+                    writer.submit(chunk)
+                    chunk = Chunk()
+        except KeyboardInterrupt:
+            # what is decoded and decomposed is complete: keep it (after the chunk in flight), then stop
+            if len(chunk) or chunk.skipped:
+                writer.submit(chunk)
+            raise                   # leaving the writer waits for it; the CLI turns Ctrl-C into its exit status
         if len(chunk) or chunk.skipped:
-            store.write_chunk(chunk, head_layers, dist.rank, cfg.store_dtype)
-        bar.close()
-        raise                       # the CLI turns Ctrl-C into its exit status
-    if len(chunk) or chunk.skipped:
-        store.write_chunk(chunk, head_layers, dist.rank, cfg.store_dtype)
-    bar.close()
+            writer.submit(chunk)
     dist.barrier()
     markers = store.usable_markers()   # on every rank, so none waits at the barrier below for a rank that stopped
     if dist.rank == 0:

@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,18 @@ def vectors(arr: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
 
 
+def _scalar_columns(table: pa.Table) -> list[str]:
+    """The columns that are not vectors: ids, names, layers (the ones worth a dictionary and min/max statistics)."""
+    return [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
+
+
 def write_table_atomic(table: pa.Table, path: Path) -> None:
+    # a dictionary and statistics on vector columns cost most of a write and buy nothing (floats rarely repeat, and
+    # nobody filters on an element's range); the scalar columns keep both
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
+    scalars = _scalar_columns(table)
+    pq.write_table(table, tmp, compression="zstd", use_dictionary=scalars, write_statistics=scalars)
     tmp.replace(path)
 
 
@@ -208,31 +217,36 @@ class RunStore:
             p.unlink()
         return removed
 
-    def write_chunk(self, chunk: Chunk, head_layers: list[int], rank: int, dtype: str = "float32") -> None:
-        """A chunk's parts, then its marker; head and component contributions in `dtype`, embeddings in float32."""
+    def write_chunk(self, chunk: Chunk, head_layers: list[int], rank: int, dtype: str = "float32",
+                    parts: Executor | None = None) -> None:
+        """A chunk's part files (on `parts` when given, several at once: Arrow writes without the GIL), then its
+        marker; head and component contributions in `dtype`, embeddings in float32."""
         key = chunk.key()
+        tables: list[tuple[pa.Table, Path]] = []
         if len(chunk):
             ids = pa.array(chunk.image_ids, pa.int64())
             emb = np.concatenate(chunk.embeddings)
-            write_table_atomic(pa.table({
+            tables.append((pa.table({
                 "image_id": ids, "path": pa.array(chunk.paths, pa.string()),
                 "label": pa.array(chunk.labels, pa.string()), "embedding": vectors(emb),
                 "pool_mlp_share": pa.array(chunk.pool_mlp_share or [None] * len(chunk), pa.float32())}),
-                self.root / "images" / f"part-{key}.parquet")
+                self.root / "images" / f"part-{key}.parquet"))
             comp = np.concatenate([c[0] for c in chunk.components])           # [b, K, D]
             kinds, layers = chunk.components[0][1], chunk.components[0][2]
             b, K, _ = comp.shape
-            write_table_atomic(pa.table({
+            tables.append((pa.table({
                 "image_id": pa.array(np.repeat(chunk.image_ids, K), pa.int64()),
                 "kind": pa.array(kinds * b, pa.string()).dictionary_encode(),
                 "layer": pa.array(layers * b, pa.int16()),
                 "contribution": vectors(comp.reshape(b * K, -1), dtype)}),
-                self.root / "components" / f"part-{key}.parquet")
+                self.root / "components" / f"part-{key}.parquet"))
             heads = np.concatenate(chunk.heads)                               # [b, Ls, H, D]
             for li, layer in enumerate(head_layers):
                 for h in range(heads.shape[2]):
-                    write_table_atomic(pa.table({"image_id": ids, "contribution": vectors(heads[:, li, h], dtype)}),
-                                       self.head_dir(layer, h) / f"part-{key}.parquet")
+                    tables.append((pa.table({"image_id": ids, "contribution": vectors(heads[:, li, h], dtype)}),
+                                   self.head_dir(layer, h) / f"part-{key}.parquet"))
+        written = (parts.map if parts is not None else map)(lambda tp: write_table_atomic(*tp), tables)
+        list(written)                   # every part is on disk (or its error raised) before the marker
         write_json_atomic({"key": key, "rank": rank, "paths": chunk.paths, "skipped": chunk.skipped},
                           self.root / CHUNKS / f"{key}.json")
 
