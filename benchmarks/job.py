@@ -1,12 +1,12 @@
 """`clip-atlas compute` end to end against its decomposition alone, and the store writer's rate.
 
-    python benchmarks/job.py [--models shapes,shapes-siglip,ViT-B-32:random] [--images 1000] [--repeat 2]
+    python benchmarks/job.py [--models shapes,shapes-siglip] [--images 6000] [--repeat 2]
 
 Part 1, the job: the same Shapes images, decoded the same way, through (a) the decomposition alone (decode,
 decompose, copy to the host: what `compute` does before it stores anything) and (b) the whole job into a fresh
 store, alternating. The ratio (b)/(a) in images per second says how much of the decomposition's rate survives the
-store; a GPU decomposes far faster than these CPUs, so a small model here is the case to watch. The job writes
-chunks of 4 batches, so that a short run has several chunks as a long one does (the last chunk of a run is
+store. A GPU decomposes far faster than these CPUs, so the small Shapes models (hundreds of images a second here)
+are the case to watch; 6,000 of their images make about three of the job's 64 MB chunks (the last chunk of a run is
 written after its last batch, with nothing left to overlap).
 
 Part 2, the writer: one chunk of a ViT-B-16-shaped run (48 heads, D 512) written with the store's Parquet settings
@@ -37,6 +37,7 @@ from compute.models import load_model  # noqa: E402
 from compute.runtime import decoded_batches, default_workers  # noqa: E402
 from compute.store import layout  # noqa: E402
 from compute.store.layout import Chunk, RunStore  # noqa: E402
+from compute.store.readers import read_head  # noqa: E402
 
 
 def job_ratio(spec: str, images: Path, repeat: int, batch: int = 32) -> None:
@@ -56,9 +57,8 @@ def job_ratio(spec: str, images: Path, repeat: int, batch: int = 32) -> None:
 
     def job():
         with tempfile.TemporaryDirectory() as tmp:
-            # chunks of a few batches, so that a short run writes several of them, as a long run does
-            run_compute(ComputeConfig(model=spec, images=str(images), out=str(Path(tmp) / "run"), batch_size=batch,
-                                      chunk_size=4 * batch), loaded=loaded, progress=False)
+            run_compute(ComputeConfig(model=spec, images=str(images), out=str(Path(tmp) / "run"), batch_size=batch),
+                        loaded=loaded, progress=False)
 
     t_alone, t_job = [], []
     alone()                          # warm up: first-call costs, the page cache
@@ -98,6 +98,7 @@ def writer_rates(images: int = 1000) -> None:
         cases = {"earlier settings, one by one": (every_column, None), "store settings, one by one": (earlier, None),
                  f"store settings, {threads} at once": (earlier, pool)}
         times: dict[str, list[float]] = {k: [] for k in cases}
+        reads: dict[str, list[float]] = {k: [] for k in cases}
         for _ in range(3):
             for name, (write, parts) in cases.items():
                 with tempfile.TemporaryDirectory() as tmp:
@@ -108,15 +109,22 @@ def writer_rates(images: int = 1000) -> None:
                         times[name].append(time.perf_counter() - t)
                     finally:
                         layout.write_table_atomic = earlier
-    base = median(times["earlier settings, one by one"])
+                    t = time.perf_counter()       # what textspan, metrics and the index read: every head, whole
+                    for layer in head_layers:
+                        for h in range(heads):
+                            read_head(RunStore(tmp), layer, h)
+                    reads[name].append(time.perf_counter() - t)
+    base, base_read = median(times["earlier settings, one by one"]), median(reads["earlier settings, one by one"])
+    head_mb = 4 * D * images * len(head_layers) * heads / 1e6
     for name, ts in times.items():
-        print(f"writer, {name:32s}: {mb / median(ts):6.0f} MB/s ({base / median(ts):.2f}x the earlier writer)")
+        print(f"writer, {name:32s}: {mb / median(ts):6.0f} MB/s ({base / median(ts):.2f}x the earlier writer); "
+              f"reading every head back {head_mb / median(reads[name]):6.0f} MB/s ({base_read / median(reads[name]):.2f}x)")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="shapes,shapes-siglip,ViT-B-32:random")
-    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--models", default="shapes,shapes-siglip")
+    ap.add_argument("--images", type=int, default=6000)
     ap.add_argument("--repeat", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
