@@ -139,10 +139,12 @@ class Decomposer:
         """[..., K, r] -> [..., Dq]: each channel's second factor, summed over channels."""
         return y[..., 0, :] if self.B is None else torch.einsum("...kr,krq->...q", y, self.B)
 
-    def read(self, E: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """[B, n, W] residual rows at the read rows -> [B, Dq]: through each channel's readout weights E [B, K, n]
-        and its maps, before the readout's per-image steps."""
-        return self.channels(torch.einsum("bkw,kwr->bkr", torch.einsum("bkn,bnw->bkw", E, rows.to(E.dtype)), self.A))
+    def read(self, E: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Residual vectors at the read rows, each [B, n, W] -> [B, len(rows), Dq]: weighted by each channel's
+        readout weights E [B, K, n], then through the channels' maps together, before the readout's per-image
+        steps."""
+        weighted = torch.stack([E @ r.to(E.dtype) for r in rows], 1)   # [B, T, K, W]
+        return self.channels(torch.einsum("btkw,kwr->btkr", weighted, self.A))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, token_directions: torch.Tensor | None = None) -> Decomposition:
@@ -161,11 +163,8 @@ class Decomposer:
         post = ro.post if ro.steps else (lambda y: y)
 
         L, H, hd = self.n_layers, self.n_heads, self.head_dim
-        # the embedding and each layer's MLP write at the read rows, weighted per channel, then read through the
-        # channels' maps together
         terms = [cache[trace.EMBED][:, cache.pooled]] + [cache[trace.MLP_OUT_POOLED.format(i)] for i in range(L)]
-        weighted = torch.stack([E @ t.to(fd) for t in terms], 1)  # [B, 1 + L, K, W]
-        written = self.channels(torch.einsum("blkw,kwr->blkr", weighted, self.A))   # [B, 1 + L, Dq]
+        written = self.read(E, terms)                               # [B, 1 + L, Dq]
         embed, mlp = written[:, 0], written[:, 1:]
         # every layer at once (one batched matmul, not one per layer): the heads' outputs at the read rows,
         # concatenated over heads as the forward keeps them, weighted by each channel's readout weights

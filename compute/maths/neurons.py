@@ -83,7 +83,7 @@ def trace(dec: Decomposer, images: torch.Tensor, layers: tuple[int, ...]) -> Tra
     with torch.autocast(x.device.type, enabled=False):
         ro = cache.readout
         E = ro.weights.to(fd)                                       # [B, K, n_pool]
-        pre = dec.read(E, x[:, cache.pooled])
+        pre = dec.read(E, [x[:, cache.pooled]])[:, 0]
         out = (ro.post(pre) if ro.steps else pre) + ro.const().to(fd)
         w = E / out.norm(dim=-1)[:, None, None]
         reads = {}
