@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,11 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
     scalars = _scalar_columns(table)
     pq.write_table(table, tmp, compression="zstd", use_dictionary=scalars, write_statistics=scalars)
     tmp.replace(path)
+
+
+def _write_part(part: tuple[pa.Table | Callable[[], pa.Table], Path]) -> None:
+    table, path = part
+    write_table_atomic(table() if callable(table) else table, path)
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
@@ -222,7 +228,7 @@ class RunStore:
         """A chunk's part files (on `parts` when given, several at once: Arrow writes without the GIL), then its
         marker; head and component contributions in `dtype`, embeddings in float32."""
         key = chunk.key()
-        tables: list[tuple[pa.Table, Path]] = []
+        tables: list[tuple[pa.Table | Callable[[], pa.Table], Path]] = []
         if len(chunk):
             ids = pa.array(chunk.image_ids, pa.int64())
             emb = np.concatenate(chunk.embeddings)
@@ -241,11 +247,14 @@ class RunStore:
                 "contribution": vectors(comp.reshape(b * K, -1), dtype)}),
                 self.root / "components" / f"part-{key}.parquet"))
             heads = np.concatenate(chunk.heads)                               # [b, Ls, H, D]
+
+            def head_table(li: int, h: int) -> pa.Table:   # built by the thread that writes it: a head's copy
+                return pa.table({"image_id": ids, "contribution": vectors(heads[:, li, h], dtype)})   # lives briefly
+
             for li, layer in enumerate(head_layers):
                 for h in range(heads.shape[2]):
-                    tables.append((pa.table({"image_id": ids, "contribution": vectors(heads[:, li, h], dtype)}),
-                                   self.head_dir(layer, h) / f"part-{key}.parquet"))
-        written = (parts.map if parts is not None else map)(lambda tp: write_table_atomic(*tp), tables)
+                    tables.append((partial(head_table, li, h), self.head_dir(layer, h) / f"part-{key}.parquet"))
+        written = (parts.map if parts is not None else map)(_write_part, tables)
         list(written)                   # every part is on disk (or its error raised) before the marker
         write_json_atomic({"key": key, "rank": rank, "paths": chunk.paths, "skipped": chunk.skipped},
                           self.root / CHUNKS / f"{key}.json")
