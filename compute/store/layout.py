@@ -65,9 +65,9 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
     tmp.replace(path)
 
 
-def _write_part(part: tuple[pa.Table | Callable[[], pa.Table], Path]) -> None:
-    table, path = part
-    write_table_atomic(table() if callable(table) else table, path)
+def _write_part(part: tuple[Callable[[], pa.Table], Path]) -> None:
+    build, path = part
+    write_table_atomic(build(), path)
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
@@ -228,11 +228,11 @@ class RunStore:
         """A chunk's part files (on `parts` when given, several at once: Arrow writes without the GIL), then its
         marker; head and component contributions in `dtype`, embeddings in float32."""
         key = chunk.key()
-        tables: list[tuple[pa.Table | Callable[[], pa.Table], Path]] = []
+        tables: list[tuple[Callable[[], pa.Table], Path]] = []     # each built by the thread that writes it
         if len(chunk):
             ids = pa.array(chunk.image_ids, pa.int64())
             emb = np.concatenate(chunk.embeddings)
-            tables.append((pa.table({
+            tables.append((lambda: pa.table({
                 "image_id": ids, "path": pa.array(chunk.paths, pa.string()),
                 "label": pa.array(chunk.labels, pa.string()), "embedding": vectors(emb),
                 "pool_mlp_share": pa.array(chunk.pool_mlp_share or [None] * len(chunk), pa.float32())}),
@@ -240,7 +240,7 @@ class RunStore:
             comp = np.concatenate([c[0] for c in chunk.components])           # [b, K, D]
             kinds, layers = chunk.components[0][1], chunk.components[0][2]
             b, K, _ = comp.shape
-            tables.append((pa.table({
+            tables.append((lambda: pa.table({
                 "image_id": pa.array(np.repeat(chunk.image_ids, K), pa.int64()),
                 "kind": pa.array(kinds * b, pa.string()).dictionary_encode(),
                 "layer": pa.array(layers * b, pa.int16()),
@@ -248,8 +248,8 @@ class RunStore:
                 self.root / "components" / f"part-{key}.parquet"))
             heads = np.concatenate(chunk.heads)                               # [b, Ls, H, D]
 
-            def head_table(li: int, h: int) -> pa.Table:   # built by the thread that writes it: a head's copy
-                return pa.table({"image_id": ids, "contribution": vectors(heads[:, li, h], dtype)})   # lives briefly
+            def head_table(li: int, h: int) -> pa.Table:   # a head's contiguous copy lives only while it is written
+                return pa.table({"image_id": ids, "contribution": vectors(heads[:, li, h], dtype)})
 
             for li, layer in enumerate(head_layers):
                 for h in range(heads.shape[2]):
